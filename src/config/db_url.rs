@@ -1,0 +1,215 @@
+//! The parts of `P_URL` / `P_READONLY_URL` the tunnel needs: where the app will connect.
+//!
+//! The URL carries the database password, so nothing here ever formats the URL itself; problems
+//! are described by what was expected.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+/// The public DNS name the add-on puts in `P_URL` in SSH-forward mode; it resolves to 127.0.0.1.
+pub const TUNNEL_HOST_NAME: &str = "pg-tunnel.borealis-data.com";
+
+/// libpq's default when a URL names no port.
+pub const DEFAULT_PG_PORT: u16 = 5432;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrlHost {
+    /// A name or address on this machine: the tunnel listens there.
+    Local(IpAddr),
+    /// Any other host: the database is reached directly (private-app-tunnel mode).
+    Remote(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbUrl {
+    pub host: UrlHost,
+    pub port: u16,
+    /// True when the URL named no port, so the client will use libpq's default.
+    pub port_defaulted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlProblem {
+    #[error("expected a URL of the form postgres://USER:PASSWORD@HOST:PORT/DATABASE")]
+    NotAUrl,
+    #[error("expected the scheme postgres:// or postgresql://, found {0}://")]
+    WrongScheme(String),
+    #[error("expected a host after '@' (for example pg-tunnel.borealis-data.com)")]
+    NoHost,
+    #[error("expected a port number from 1 to 65535 after the host")]
+    BadPort,
+}
+
+pub fn parse(value: &str) -> Result<DbUrl, UrlProblem> {
+    let url = url::Url::parse(value.trim()).map_err(|error| match error {
+        url::ParseError::InvalidPort => UrlProblem::BadPort,
+        url::ParseError::EmptyHost => UrlProblem::NoHost,
+        _ => UrlProblem::NotAUrl,
+    })?;
+    match url.scheme() {
+        "postgres" | "postgresql" => {}
+        other => return Err(UrlProblem::WrongScheme(other.to_owned())),
+    }
+    let host = match url.host() {
+        None => return Err(UrlProblem::NoHost),
+        Some(url::Host::Ipv6(ip)) => classify_ip(IpAddr::V6(ip)),
+        Some(url::Host::Ipv4(ip)) => classify_ip(IpAddr::V4(ip)),
+        // Non-special schemes keep IPv4 literals as opaque names; parse them ourselves.
+        Some(url::Host::Domain(name)) => classify_name(name),
+    };
+    if let UrlHost::Remote(name) = &host {
+        if name.is_empty() {
+            return Err(UrlProblem::NoHost);
+        }
+    }
+    let (port, port_defaulted) = match url.port() {
+        Some(0) => return Err(UrlProblem::BadPort),
+        Some(port) => (port, false),
+        None => (DEFAULT_PG_PORT, true),
+    };
+    Ok(DbUrl {
+        host,
+        port,
+        port_defaulted,
+    })
+}
+
+fn classify_ip(ip: IpAddr) -> UrlHost {
+    if ip.is_loopback() {
+        UrlHost::Local(ip)
+    } else {
+        UrlHost::Remote(ip.to_string())
+    }
+}
+
+fn classify_name(name: &str) -> UrlHost {
+    let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+    let name = decoded.trim_end_matches('.').to_ascii_lowercase();
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return classify_ip(ip);
+    }
+    // Bound without a DNS lookup: the record is public and always 127.0.0.1, and a dyno must be
+    // able to listen before its network (or DNS) is up.
+    if name == TUNNEL_HOST_NAME || name == "localhost" {
+        return UrlHost::Local(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    UrlHost::Remote(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::Ipv6Addr;
+
+    fn local(ip: &str, port: u16) -> DbUrl {
+        DbUrl {
+            host: UrlHost::Local(ip.parse().unwrap()),
+            port,
+            port_defaulted: false,
+        }
+    }
+
+    #[test]
+    fn tunnel_name_binds_loopback_without_lookup() {
+        assert_eq!(
+            parse("postgres://u:p@pg-tunnel.borealis-data.com:6543/db").unwrap(),
+            local("127.0.0.1", 6543)
+        );
+        assert_eq!(
+            parse("postgresql://u:p@PG-TUNNEL.borealis-data.com.:6543/db").unwrap(),
+            local("127.0.0.1", 6543)
+        );
+    }
+
+    #[test]
+    fn loopback_literals_are_local() {
+        assert_eq!(
+            parse("postgres://u:p@127.0.0.2:5433/db").unwrap(),
+            local("127.0.0.2", 5433)
+        );
+        assert_eq!(
+            parse("postgres://u:p@[::1]:5433/db").unwrap(),
+            DbUrl {
+                host: UrlHost::Local(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+                port: 5433,
+                port_defaulted: false
+            }
+        );
+    }
+
+    #[test]
+    fn other_hosts_are_remote() {
+        assert_eq!(
+            parse("postgres://u:p@db.internal.example:5432/d").unwrap().host,
+            UrlHost::Remote("db.internal.example".into())
+        );
+        assert_eq!(
+            parse("postgres://u:p@[2001:db8::1]:5432/d").unwrap().host,
+            UrlHost::Remote("2001:db8::1".into())
+        );
+        assert_eq!(
+            parse("postgres://u:p@10.1.2.3:5432/d").unwrap().host,
+            UrlHost::Remote("10.1.2.3".into())
+        );
+    }
+
+    #[test]
+    fn percent_encoded_userinfo_and_missing_parts_are_accepted() {
+        let url = parse("postgres://us%40er:p%7Cw%3Ad@pg-tunnel.borealis-data.com:5000/db").unwrap();
+        assert_eq!(url, local("127.0.0.1", 5000));
+        // No userinfo, no database: still a place the app connects to.
+        assert_eq!(
+            parse("postgres://pg-tunnel.borealis-data.com:5000").unwrap(),
+            local("127.0.0.1", 5000)
+        );
+    }
+
+    #[test]
+    fn missing_port_means_libpq_default() {
+        let url = parse("postgres://u:p@pg-tunnel.borealis-data.com/db").unwrap();
+        assert_eq!(url.port, 5432);
+        assert!(url.port_defaulted);
+    }
+
+    #[test]
+    fn problems_are_named_without_echoing_the_url() {
+        assert_eq!(parse("not a url"), Err(UrlProblem::NotAUrl));
+        assert_eq!(
+            parse("mysql://u:p@h:1/d"),
+            Err(UrlProblem::WrongScheme("mysql".into()))
+        );
+        assert_eq!(
+            parse("postgres://u:p@h:99999/d"),
+            Err(UrlProblem::BadPort)
+        );
+        assert_eq!(parse("postgres://u:p@h:0/d"), Err(UrlProblem::BadPort));
+        assert_eq!(parse("postgres:///db"), Err(UrlProblem::NoHost));
+        for problem in [
+            UrlProblem::NotAUrl,
+            UrlProblem::BadPort,
+            UrlProblem::NoHost,
+            UrlProblem::WrongScheme("x".into()),
+        ] {
+            assert!(!problem.to_string().contains("u:p"));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(raw in any::<String>()) {
+            let _ = parse(&raw);
+        }
+
+        #[test]
+        fn render_then_parse_round_trips(
+            user in "[a-z@:/ ]{1,8}",
+            pass in "[a-z@:/|% ]{0,8}",
+            octet in 0u8..=255,
+            port in 1u16..,
+        ) {
+            let enc = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+            let url = format!("postgres://{}:{}@127.0.0.{octet}:{port}/db", enc(&user), enc(&pass));
+            prop_assert_eq!(parse(&url).unwrap(), local(&format!("127.0.0.{octet}"), port));
+        }
+    }
+}

@@ -1,0 +1,574 @@
+//! Discovery of every Borealis add-on attachment from the environment (CONTRACT.md §1–3).
+//!
+//! Discovery never fails as a whole: each add-on is parsed on its own, and whatever is wrong
+//! with one becomes a [`Problem`] naming the variable and the key, so the others still run and
+//! the app still boots.
+
+pub mod conn_info;
+pub mod db_url;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use russh::keys::{PrivateKey, PublicKey};
+
+use conn_info::ConnInfo;
+use db_url::UrlHost;
+
+const CONN_INFO_SUFFIX: &str = "_TUNNEL_BPG_CONN_INFO";
+const LEGACY_CONN_INFO_SUFFIX: &str = "_SSH_TUNNEL_BPG_CONNECTION_INFO";
+const DEFAULT_SSH_PORT: u16 = 22;
+
+/// One add-on attachment that can be served.
+#[derive(Debug, Clone)]
+pub struct Addon {
+    /// The attachment prefix (`DATABASE`, `BOREALIS_PG_RED`, ...): used in every log line.
+    pub name: String,
+    /// The variable the conn-info came from.
+    pub conn_info_var: String,
+    pub ssh: SshServer,
+    pub forwards: Vec<Forward>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SshServer {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub private_key: ClientKey,
+    pub host_key: HostKey,
+}
+
+/// The client's private key, held only in memory. `ssh_key` zeroizes it on drop.
+#[derive(Clone)]
+pub struct ClientKey(pub Arc<PrivateKey>);
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientKey({})", self.0.algorithm())
+    }
+}
+
+/// The server key the add-on told us to expect. Compared by exact blob equality.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HostKey {
+    key: PublicKey,
+    blob: Vec<u8>,
+}
+
+impl HostKey {
+    pub fn matches(&self, presented: &PublicKey) -> bool {
+        presented
+            .to_bytes()
+            .is_ok_and(|presented| presented == self.blob)
+    }
+
+    /// `ssh-ed25519 SHA256:...`, the form OpenSSH prints, for log lines.
+    pub fn describe(&self) -> String {
+        describe_key(&self.key)
+    }
+}
+
+impl fmt::Debug for HostKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostKey({})", self.describe())
+    }
+}
+
+pub fn describe_key(key: &PublicKey) -> String {
+    format!(
+        "{} {}",
+        key.algorithm(),
+        key.fingerprint(russh::keys::HashAlg::Sha256)
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Writer,
+    Reader,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Writer => "writer",
+            Role::Reader => "reader",
+        })
+    }
+}
+
+/// A local listener and the database endpoint (resolved on the SSH server) it leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub role: Role,
+    pub listen: SocketAddr,
+    /// The URL variable that names `listen`, for error messages (`DATABASE_URL`).
+    pub url_var: String,
+    pub remote_host: String,
+    pub remote_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Something the user configured is not served.
+    Error,
+    /// Served, but not quite as written (a default applied, a duplicate merged).
+    Notice,
+}
+
+/// Something discovery wants the user to know. Never contains a secret: messages describe what
+/// was expected, and only non-secret values (ports, host names, key types) are quoted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub severity: Severity,
+    pub addon: String,
+    pub var: String,
+    pub key: Option<&'static str>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.key {
+            Some(key) => write!(f, "{}: {}: {}", self.var, key, self.message),
+            None => write!(f, "{}: {}", self.var, self.message),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Discovery {
+    pub addons: Vec<Addon>,
+    pub problems: Vec<Problem>,
+}
+
+impl Discovery {
+    pub fn errors(&self) -> impl Iterator<Item = &Problem> {
+        self.problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+    }
+}
+
+/// Scans `vars` (normally `std::env::vars_os()`, lossily decoded) for add-on attachments.
+pub fn discover<I, K, V>(vars: I) -> Discovery
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: Into<String>,
+    V: Into<String>,
+{
+    let env: BTreeMap<String, String> = vars
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+    let mut discovery = Discovery::default();
+
+    // prefix -> conn-info variable; the current name wins over the legacy one.
+    let mut attachments: BTreeMap<String, String> = BTreeMap::new();
+    for name in env.keys() {
+        if let Some(prefix) = strip_suffix_nonempty(name, LEGACY_CONN_INFO_SUFFIX) {
+            attachments.entry(prefix.to_owned()).or_insert(name.clone());
+        }
+    }
+    for name in env.keys() {
+        if let Some(prefix) = strip_suffix_nonempty(name, CONN_INFO_SUFFIX) {
+            if let Some(legacy) = attachments.insert(prefix.to_owned(), name.clone()) {
+                if legacy != *name {
+                    discovery.problems.push(Problem {
+                        severity: Severity::Notice,
+                        addon: prefix.to_owned(),
+                        var: legacy,
+                        key: None,
+                        message: format!("ignored: {name} is set too and takes precedence"),
+                    });
+                }
+            }
+        }
+    }
+
+    // DATABASE first, so that a duplicate attachment is reported under its other names.
+    let mut order: Vec<&String> = attachments.keys().collect();
+    order.sort_by_key(|prefix| (prefix.as_str() != "DATABASE", prefix.as_str()));
+
+    for prefix in order {
+        let var = &attachments[prefix];
+        let mut parser = AddonParser {
+            env: &env,
+            prefix,
+            var,
+            problems: &mut discovery.problems,
+        };
+        if let Some(addon) = parser.parse() {
+            admit(addon, &mut discovery);
+        }
+    }
+    discovery
+}
+
+fn strip_suffix_nonempty<'a>(name: &'a str, suffix: &str) -> Option<&'a str> {
+    name.strip_suffix(suffix).filter(|prefix| !prefix.is_empty())
+}
+
+/// Adds `addon` unless its listeners are already served (a second attachment of the same add-on)
+/// or taken by a different add-on (a conflict the user must resolve).
+fn admit(mut addon: Addon, discovery: &mut Discovery) {
+    let mut kept = Vec::new();
+    for forward in std::mem::take(&mut addon.forwards) {
+        let existing = discovery.addons.iter().find_map(|other| {
+            other
+                .forwards
+                .iter()
+                .find(|f| f.listen == forward.listen)
+                .map(|f| (other, f))
+        });
+        match existing {
+            None => kept.push(forward),
+            Some((other, served))
+                if served.remote_host == forward.remote_host
+                    && served.remote_port == forward.remote_port
+                    && other.ssh.host == addon.ssh.host
+                    && other.ssh.port == addon.ssh.port
+                    && other.ssh.username == addon.ssh.username =>
+            {
+                discovery.problems.push(Problem {
+                    severity: Severity::Notice,
+                    addon: addon.name.clone(),
+                    var: forward.url_var.clone(),
+                    key: None,
+                    message: format!(
+                        "same add-on as {} ({}); {} is served once",
+                        other.name, served.url_var, forward.listen
+                    ),
+                });
+            }
+            Some((_, served)) => discovery.problems.push(Problem {
+                severity: Severity::Error,
+                addon: addon.name.clone(),
+                var: forward.url_var.clone(),
+                key: None,
+                message: format!(
+                    "local address {} is already used by {} for a different database; expected each add-on to have its own port",
+                    forward.listen, served.url_var
+                ),
+            }),
+        }
+    }
+    if !kept.is_empty() {
+        addon.forwards = kept;
+        discovery.addons.push(addon);
+    }
+}
+
+struct AddonParser<'a> {
+    env: &'a BTreeMap<String, String>,
+    prefix: &'a str,
+    var: &'a str,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl AddonParser<'_> {
+    fn problem(&mut self, severity: Severity, var: &str, key: Option<&'static str>, message: String) {
+        self.problems.push(Problem {
+            severity,
+            addon: self.prefix.to_owned(),
+            var: var.to_owned(),
+            key,
+            message,
+        });
+    }
+
+    fn key_error(&mut self, key: &'static str, message: impl Into<String>) {
+        let var = self.var.to_owned();
+        self.problem(Severity::Error, &var, Some(key), message.into());
+    }
+
+    fn parse(&mut self) -> Option<Addon> {
+        let info = ConnInfo::parse(&self.env[self.var]);
+        if !info.malformed_items().is_empty() {
+            let var = self.var.to_owned();
+            let items = info
+                .malformed_items()
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            self.problem(
+                Severity::Notice,
+                &var,
+                None,
+                format!("item(s) {items} ignored: expected KEY:=VALUE"),
+            );
+        }
+
+        let url_var = format!("{}_URL", self.prefix);
+        let writer_url = self.url(&url_var, true)?;
+        let UrlHost::Local(listen_ip) = writer_url.host else {
+            let var = url_var.clone();
+            self.problem(
+                Severity::Error,
+                &var,
+                None,
+                "the host is not pg-tunnel.borealis-data.com, which means private-app-tunnel mode; this version of bpg-tunnel supports SSH-forward mode only, so this add-on is not served".into(),
+            );
+            return None;
+        };
+
+        // Parse every key before giving up, so one run of the app lists every mistake.
+        let host = self.required(&info, "SSH_HOST", "the SSH server's host name or IP address");
+        let port = self.port(&info, "SSH_PORT", DEFAULT_SSH_PORT);
+        let username = self.required(&info, "SSH_USERNAME", "the SSH user name");
+        let private_key = self.private_key(&info);
+        let host_key = self.host_key(&info);
+        let writer_host =
+            self.required(&info, "POSTGRES_WRITER_HOST", "the writer database host name");
+        let pg_port = self.port(&info, "POSTGRES_PORT", db_url::DEFAULT_PG_PORT);
+        let reader_host = info.get("POSTGRES_READER_HOST").map(|h| h.trim().to_owned());
+
+        let (
+            Some(host),
+            Some(port),
+            Some(username),
+            Some(private_key),
+            Some(host_key),
+            Some(writer_host),
+            Some(pg_port),
+        ) = (host, port, username, private_key, host_key, writer_host, pg_port)
+        else {
+            return None;
+        };
+
+        let writer = Forward {
+            role: Role::Writer,
+            listen: SocketAddr::new(listen_ip, writer_url.port),
+            url_var: url_var.clone(),
+            remote_host: writer_host,
+            remote_port: pg_port,
+        };
+        let mut forwards = vec![writer.clone()];
+        let reader_var = format!("{}_READONLY_URL", self.prefix);
+        if let (Some(reader_host), true) = (reader_host, self.env.contains_key(&reader_var)) {
+            if let Some(reader) = self.reader(&reader_var, reader_host, pg_port, &writer) {
+                forwards.push(reader);
+            }
+        }
+
+        Some(Addon {
+            name: self.prefix.to_owned(),
+            conn_info_var: self.var.to_owned(),
+            ssh: SshServer {
+                host,
+                port,
+                username,
+                private_key,
+                host_key,
+            },
+            forwards,
+        })
+    }
+
+    fn reader(
+        &mut self,
+        reader_var: &str,
+        reader_host: String,
+        pg_port: u16,
+        writer: &Forward,
+    ) -> Option<Forward> {
+        let url = self.url(reader_var, false)?;
+        let UrlHost::Local(ip) = url.host else {
+            self.problem(
+                Severity::Error,
+                reader_var,
+                None,
+                "expected the same local host as the writer URL (pg-tunnel.borealis-data.com); the reader is not served".into(),
+            );
+            return None;
+        };
+        let listen = SocketAddr::new(ip, url.port);
+        if listen == writer.listen {
+            self.problem(
+                Severity::Error,
+                reader_var,
+                None,
+                format!(
+                    "names the same local port {} as {}; expected a different port, so the reader is not served",
+                    url.port, writer.url_var
+                ),
+            );
+            return None;
+        }
+        Some(Forward {
+            role: Role::Reader,
+            listen,
+            url_var: reader_var.to_owned(),
+            remote_host: reader_host,
+            remote_port: pg_port,
+        })
+    }
+
+    fn url(&mut self, var: &str, required: bool) -> Option<db_url::DbUrl> {
+        let Some(value) = self.env.get(var) else {
+            if required {
+                self.problem(
+                    Severity::Error,
+                    var,
+                    None,
+                    format!(
+                        "is not set; expected the database URL that goes with {}",
+                        self.var
+                    ),
+                );
+            }
+            return None;
+        };
+        match db_url::parse(value) {
+            Ok(url) => {
+                if url.port_defaulted {
+                    self.problem(
+                        Severity::Notice,
+                        var,
+                        None,
+                        format!(
+                            "names no port; listening on {}, the port PostgreSQL clients use by default",
+                            url.port
+                        ),
+                    );
+                }
+                Some(url)
+            }
+            Err(problem) => {
+                let served = if required { "this add-on" } else { "the reader" };
+                self.problem(
+                    Severity::Error,
+                    var,
+                    None,
+                    format!("{problem}; {served} is not served"),
+                );
+                None
+            }
+        }
+    }
+
+    fn required(
+        &mut self,
+        info: &ConnInfo,
+        key: &'static str,
+        expected: &str,
+    ) -> Option<String> {
+        match info.get(key).map(str::trim) {
+            Some(value) if !value.is_empty() && !value.contains(char::is_whitespace) => {
+                Some(value.to_owned())
+            }
+            Some(_) => {
+                self.key_error(key, format!("contains white space; expected {expected}"));
+                None
+            }
+            None => {
+                self.key_error(key, format!("is missing; expected {expected}"));
+                None
+            }
+        }
+    }
+
+    fn port(&mut self, info: &ConnInfo, key: &'static str, default: u16) -> Option<u16> {
+        let Some(raw) = info.get(key) else {
+            return Some(default);
+        };
+        match raw.trim().parse::<u16>() {
+            Ok(port) if port != 0 => Some(port),
+            _ => {
+                self.key_error(
+                    key,
+                    format!("is {raw:?}; expected a port number from 1 to 65535"),
+                );
+                None
+            }
+        }
+    }
+
+    fn private_key(&mut self, info: &ConnInfo) -> Option<ClientKey> {
+        const KEY: &str = "SSH_USER_PRIVATE_KEY";
+        let Some(raw) = info.get(KEY) else {
+            self.key_error(KEY, "is missing; expected the SSH client private key");
+            return None;
+        };
+        match parse_private_key(raw) {
+            Ok(key) => Some(ClientKey(Arc::new(key))),
+            Err(message) => {
+                self.key_error(KEY, message);
+                None
+            }
+        }
+    }
+
+    fn host_key(&mut self, info: &ConnInfo) -> Option<HostKey> {
+        const KEY: &str = "SSH_PUBLIC_HOST_KEY";
+        let Some(raw) = info.get(KEY) else {
+            self.key_error(
+                KEY,
+                "is missing; expected the SSH server's public key as \"<type> <base64>\"",
+            );
+            return None;
+        };
+        match parse_host_key(raw) {
+            Ok(key) => Some(key),
+            Err(message) => {
+                self.key_error(KEY, message);
+                None
+            }
+        }
+    }
+}
+
+/// Accepts OpenSSH and PEM (PKCS#1, SEC1, PKCS#8) encodings, tolerating CRLF and stray
+/// indentation. The returned message never contains key material.
+pub fn parse_private_key(raw: &str) -> Result<PrivateKey, String> {
+    let mut normalized = zeroize::Zeroizing::new(String::with_capacity(raw.len() + 1));
+    for line in raw.lines() {
+        normalized.push_str(line.trim());
+        normalized.push('\n');
+    }
+    match russh::keys::decode_secret_key(&normalized, None) {
+        Ok(key) => Ok(key),
+        Err(russh::keys::Error::KeyIsEncrypted) => Err(
+            "is protected by a passphrase; expected an unencrypted private key".into(),
+        ),
+        Err(russh::keys::Error::UnsupportedKeyType { .. }) => Err(
+            "is of an unsupported type; expected an ed25519, RSA or ECDSA private key".into(),
+        ),
+        Err(_) => Err(
+            "could not be read; expected an unencrypted ed25519, RSA or ECDSA private key in OpenSSH or PEM (PKCS#1, SEC1, PKCS#8) format, with newlines written as \\n"
+                .into(),
+        ),
+    }
+}
+
+/// Accepts `<type> <base64> [comment]`, or the bare base64 blob.
+pub fn parse_host_key(raw: &str) -> Result<HostKey, String> {
+    let expected = "expected the server's public key as \"<type> <base64>\", e.g. \"ssh-ed25519 AAAA...\"";
+    let tokens: Vec<&str> = raw.split_whitespace().collect();
+    let (declared_type, blob) = match tokens.as_slice() {
+        [blob] => (None, *blob),
+        [key_type, blob, ..] => (Some(*key_type), *blob),
+        [] => return Err(format!("is empty; {expected}")),
+    };
+    let key = russh::keys::parse_public_key_base64(blob)
+        .map_err(|_| format!("could not be decoded; {expected}"))?;
+    if let Some(declared) = declared_type {
+        if declared != key.algorithm().as_str() {
+            return Err(format!(
+                "says {declared:?} but the key is {}; {expected}",
+                key.algorithm()
+            ));
+        }
+    }
+    let blob = key
+        .to_bytes()
+        .map_err(|_| format!("could not be encoded; {expected}"))?;
+    Ok(HostKey { key, blob })
+}
+
+#[cfg(test)]
+mod tests;

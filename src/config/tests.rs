@@ -1,0 +1,376 @@
+use super::*;
+use proptest::prelude::*;
+
+// Throwaway keys made for these tests only; they protect nothing.
+const CLIENT_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+QyNTUxOQAAACC5DA+X5/9OdyDPdVmNmtvUeKWVp3kIfaw6FhvUq41t/wAAAIhagA+gWoAP
+oAAAAAtzc2gtZWQyNTUxOQAAACC5DA+X5/9OdyDPdVmNmtvUeKWVp3kIfaw6FhvUq41t/w
+AAAEBqCUJB45aa37Ttgneq3qYqXGIsfdq6QJr3matKS+vJf7kMD5fn/053IM91WY2a29R4
+pZWneQh9rDoWG9SrjW3/AAAAAAECAwQF
+-----END OPENSSH PRIVATE KEY-----
+";
+const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDfR3+XSNlrSzI4i0Of4DNFSjb/gzoUkkOE3jhf0yZ49";
+const OTHER_HOST_KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBOyRdN5UgeN5+GFwqM36FUjkuaxmI+S9fSuvVqallR1xTClBM4HaYSWssgWJ76NrIzPH62a7awt265JujsLC+18=";
+const KEY_SECRET_LINE: &str = "AAAEBqCUJB45aa37Ttgneq3qYqXGIsfdq6QJr3matKS+vJf7kMD5fn";
+
+fn conn_info(overrides: &[(&str, &str)]) -> String {
+    let mut items: BTreeMap<&str, &str> = [
+        ("SSH_HOST", "ssh.example.com"),
+        ("SSH_USERNAME", "app"),
+        ("SSH_USER_PRIVATE_KEY", CLIENT_KEY),
+        ("SSH_PUBLIC_HOST_KEY", HOST_KEY),
+        ("POSTGRES_WRITER_HOST", "writer.internal"),
+        ("POSTGRES_READER_HOST", "reader.internal"),
+        ("POSTGRES_DB_NAME", "db"),
+        ("POSTGRES_WRITER_PASSWORD", "writer-password-secret"),
+    ]
+    .into_iter()
+    .collect();
+    for (k, v) in overrides {
+        items.insert(k, v);
+    }
+    ConnInfo::render(items)
+}
+
+fn url(port: u16) -> String {
+    format!("postgres://u:pa%7Css@pg-tunnel.borealis-data.com:{port}/db")
+}
+
+fn env(vars: &[(&str, String)]) -> Discovery {
+    discover(vars.iter().map(|(k, v)| (k.to_string(), v.clone())))
+}
+
+fn errors(d: &Discovery) -> Vec<String> {
+    d.errors().map(ToString::to_string).collect()
+}
+
+fn all_text(d: &Discovery) -> String {
+    d.problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+        + &format!("{:?}", d.addons)
+}
+
+#[test]
+fn a_complete_addon_gives_writer_and_reader() {
+    let d = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("DATABASE_URL", url(5432)),
+        ("DATABASE_READONLY_URL", url(5433)),
+    ]);
+    assert_eq!(errors(&d), Vec::<String>::new());
+    let addon = &d.addons[0];
+    assert_eq!(addon.name, "DATABASE");
+    assert_eq!(addon.ssh.host, "ssh.example.com");
+    assert_eq!(addon.ssh.port, 22);
+    assert_eq!(addon.ssh.username, "app");
+    assert_eq!(
+        addon.forwards,
+        vec![
+            Forward {
+                role: Role::Writer,
+                listen: "127.0.0.1:5432".parse().unwrap(),
+                url_var: "DATABASE_URL".into(),
+                remote_host: "writer.internal".into(),
+                remote_port: 5432,
+            },
+            Forward {
+                role: Role::Reader,
+                listen: "127.0.0.1:5433".parse().unwrap(),
+                url_var: "DATABASE_READONLY_URL".into(),
+                remote_host: "reader.internal".into(),
+                remote_port: 5432,
+            }
+        ]
+    );
+}
+
+#[test]
+fn reader_needs_both_host_and_url() {
+    let no_url = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("DATABASE_URL", url(5432)),
+    ]);
+    assert_eq!(no_url.addons[0].forwards.len(), 1);
+    let no_host = env(&[
+        (
+            "DATABASE_TUNNEL_BPG_CONN_INFO",
+            conn_info(&[("POSTGRES_READER_HOST", "")]),
+        ),
+        ("DATABASE_URL", url(5432)),
+        ("DATABASE_READONLY_URL", url(5433)),
+    ]);
+    assert_eq!(no_host.addons[0].forwards.len(), 1);
+    assert!(errors(&no_host).is_empty());
+}
+
+#[test]
+fn any_prefix_and_the_legacy_name_are_found() {
+    let d = env(&[
+        (
+            "BOREALIS_PG_RED_SSH_TUNNEL_BPG_CONNECTION_INFO",
+            conn_info(&[]),
+        ),
+        ("BOREALIS_PG_RED_URL", url(6000)),
+        ("MY_DB_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("MY_DB_URL", url(6001)),
+        ("_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+    ]);
+    let names: Vec<_> = d.addons.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["BOREALIS_PG_RED", "MY_DB"]);
+    assert_eq!(
+        d.addons[0].conn_info_var,
+        "BOREALIS_PG_RED_SSH_TUNNEL_BPG_CONNECTION_INFO"
+    );
+}
+
+#[test]
+fn current_name_wins_over_legacy_with_a_notice() {
+    let d = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        (
+            "DATABASE_SSH_TUNNEL_BPG_CONNECTION_INFO",
+            conn_info(&[("SSH_HOST", "old.example.com")]),
+        ),
+        ("DATABASE_URL", url(5432)),
+    ]);
+    assert_eq!(d.addons.len(), 1);
+    assert_eq!(d.addons[0].ssh.host, "ssh.example.com");
+    assert!(d.problems.iter().any(|p| p.severity == Severity::Notice
+        && p.var == "DATABASE_SSH_TUNNEL_BPG_CONNECTION_INFO"));
+}
+
+#[test]
+fn duplicate_attachment_is_served_once() {
+    let info = conn_info(&[]);
+    let d = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", info.clone()),
+        ("DATABASE_URL", url(5432)),
+        ("BOREALIS_PG_RED_TUNNEL_BPG_CONN_INFO", info),
+        ("BOREALIS_PG_RED_URL", url(5432)),
+    ]);
+    assert_eq!(d.addons.len(), 1);
+    assert_eq!(d.addons[0].name, "DATABASE");
+    assert!(errors(&d).is_empty());
+    assert!(d.problems.iter().any(|p| p.var == "BOREALIS_PG_RED_URL"
+        && p.message.contains("served once")));
+}
+
+#[test]
+fn dedupe_is_exact_not_by_substring() {
+    // The old script skipped `/db` after seeing `/db2` because it matched substrings.
+    let d = env(&[
+        ("A_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("A_URL", "postgres://u:p@pg-tunnel.borealis-data.com:5432/db2".into()),
+        (
+            "B_TUNNEL_BPG_CONN_INFO",
+            conn_info(&[("POSTGRES_WRITER_HOST", "other.internal")]),
+        ),
+        ("B_URL", "postgres://u:p@pg-tunnel.borealis-data.com:54320/db".into()),
+    ]);
+    assert_eq!(d.addons.len(), 2);
+}
+
+#[test]
+fn two_addons_on_one_port_is_a_clear_error_and_the_first_still_runs() {
+    let d = env(&[
+        ("A_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("A_URL", url(5432)),
+        (
+            "B_TUNNEL_BPG_CONN_INFO",
+            conn_info(&[("POSTGRES_WRITER_HOST", "other.internal")]),
+        ),
+        ("B_URL", url(5432)),
+    ]);
+    assert_eq!(d.addons.len(), 1);
+    assert_eq!(
+        errors(&d),
+        ["B_URL: local address 127.0.0.1:5432 is already used by A_URL for a different database; expected each add-on to have its own port"]
+    );
+}
+
+#[test]
+fn writer_and_reader_on_the_same_port_is_an_error_but_the_writer_runs() {
+    let d = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("DATABASE_URL", url(5432)),
+        ("DATABASE_READONLY_URL", url(5432)),
+    ]);
+    assert_eq!(d.addons[0].forwards.len(), 1);
+    let errors = errors(&d);
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].starts_with("DATABASE_READONLY_URL: names the same local port 5432 as DATABASE_URL"));
+}
+
+#[test]
+fn defaults_and_explicit_ports() {
+    let d = env(&[
+        (
+            "DATABASE_TUNNEL_BPG_CONN_INFO",
+            conn_info(&[("SSH_PORT", "2222"), ("POSTGRES_PORT", "6432")]),
+        ),
+        ("DATABASE_URL", url(5432)),
+    ]);
+    assert_eq!(d.addons[0].ssh.port, 2222);
+    assert_eq!(d.addons[0].forwards[0].remote_port, 6432);
+}
+
+#[test]
+fn every_bad_key_is_named_with_what_was_expected() {
+    let d = env(&[
+        (
+            "DATABASE_TUNNEL_BPG_CONN_INFO",
+            conn_info(&[
+                ("SSH_HOST", ""),
+                ("SSH_PORT", "ssh"),
+                ("SSH_USER_PRIVATE_KEY", "-----BEGIN OPENSSH PRIVATE KEY-----\\nAAAAnotakey\\n-----END OPENSSH PRIVATE KEY-----"),
+                ("SSH_PUBLIC_HOST_KEY", "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIDfR3+XSNlrSzI4i0Of4DNFSjb/gzoUkkOE3jhf0yZ49"),
+                ("POSTGRES_PORT", "70000"),
+            ]),
+        ),
+        ("DATABASE_URL", url(5432)),
+    ]);
+    assert!(d.addons.is_empty());
+    let errors = errors(&d);
+    let expect = [
+        "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_HOST: is missing; expected the SSH server's host name or IP address",
+        "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_PORT: is \"ssh\"; expected a port number from 1 to 65535",
+        "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_USER_PRIVATE_KEY: could not be read; expected",
+        "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_PUBLIC_HOST_KEY: says \"ssh-rsa\" but the key is ssh-ed25519",
+        "DATABASE_TUNNEL_BPG_CONN_INFO: POSTGRES_PORT: is \"70000\"; expected a port number from 1 to 65535",
+    ];
+    for prefix in expect {
+        assert!(
+            errors.iter().any(|e| e.starts_with(prefix)),
+            "no error starting with {prefix:?} in {errors:#?}"
+        );
+    }
+}
+
+#[test]
+fn missing_url_and_bad_url_are_named() {
+    let d = env(&[("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[]))]);
+    assert_eq!(
+        errors(&d),
+        ["DATABASE_URL: is not set; expected the database URL that goes with DATABASE_TUNNEL_BPG_CONN_INFO"]
+    );
+    let d = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("DATABASE_URL", "postgres://u:hunter2@pg-tunnel.borealis-data.com:port/db".into()),
+    ]);
+    let errors = errors(&d);
+    assert_eq!(
+        errors,
+        ["DATABASE_URL: expected a port number from 1 to 65535 after the host; this add-on is not served"]
+    );
+}
+
+#[test]
+fn private_app_tunnel_mode_is_reported_and_skipped() {
+    let d = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("DATABASE_URL", "postgres://u:p@db.internal.example:5432/db".into()),
+    ]);
+    assert!(d.addons.is_empty());
+    assert!(errors(&d)[0].contains("private-app-tunnel mode"));
+}
+
+#[test]
+fn one_broken_addon_does_not_stop_the_others() {
+    let d = env(&[
+        ("BROKEN_TUNNEL_BPG_CONN_INFO", "garbage".into()),
+        ("BROKEN_URL", url(5000)),
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("DATABASE_URL", url(5432)),
+    ]);
+    assert_eq!(d.addons.len(), 1);
+    assert_eq!(d.addons[0].name, "DATABASE");
+    assert!(errors(&d).iter().all(|e| e.starts_with("BROKEN_")));
+}
+
+#[test]
+fn ipv6_loopback_url_listens_on_ipv6() {
+    let d = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("DATABASE_URL", "postgres://u:p@[::1]:5432/db".into()),
+    ]);
+    assert_eq!(d.addons[0].forwards[0].listen, "[::1]:5432".parse().unwrap());
+}
+
+#[test]
+fn private_key_tolerates_crlf_and_indentation() {
+    let crlf = CLIENT_KEY.replace('\n', "\r\n");
+    assert!(parse_private_key(&crlf).is_ok());
+    let indented = CLIENT_KEY.replace('\n', "\n  ");
+    assert!(parse_private_key(&indented).is_ok());
+    let escaped = conn_info(&[("SSH_USER_PRIVATE_KEY", &crlf)]);
+    let d = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", escaped),
+        ("DATABASE_URL", url(5432)),
+    ]);
+    assert!(errors(&d).is_empty(), "{:?}", errors(&d));
+}
+
+#[test]
+fn host_key_comparison_is_exact() {
+    let expected = parse_host_key(HOST_KEY).unwrap();
+    let same = russh::keys::parse_public_key_base64(HOST_KEY.split(' ').nth(1).unwrap()).unwrap();
+    let other =
+        russh::keys::parse_public_key_base64(OTHER_HOST_KEY.split(' ').nth(1).unwrap()).unwrap();
+    assert!(expected.matches(&same));
+    assert!(!expected.matches(&other));
+    // A bare blob and a trailing comment are accepted too.
+    assert!(parse_host_key(HOST_KEY.split(' ').nth(1).unwrap()).is_ok());
+    assert!(parse_host_key(&format!("{HOST_KEY} root@host")).is_ok());
+}
+
+#[test]
+fn secrets_never_appear_in_problems_or_debug_output() {
+    let broken_key = CLIENT_KEY.replace("b3Blbn", "XXXX");
+    let d = env(&[
+        (
+            "DATABASE_TUNNEL_BPG_CONN_INFO",
+            conn_info(&[("SSH_USER_PRIVATE_KEY", &broken_key), ("SSH_HOST", "")]),
+        ),
+        ("DATABASE_URL", url(5432)),
+        ("GOOD_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("GOOD_URL", url(6000)),
+    ]);
+    let text = all_text(&d);
+    assert!(!text.contains(KEY_SECRET_LINE), "{text}");
+    assert!(!text.contains("writer-password-secret"));
+    assert!(!text.contains("pa%7Css") && !text.contains("pa|ss"));
+    assert!(text.contains("SSH_USER_PRIVATE_KEY"));
+}
+
+proptest! {
+    #[test]
+    fn discovery_never_panics(
+        info in any::<String>(),
+        url in any::<String>(),
+        reader in proptest::option::of(any::<String>()),
+    ) {
+        let mut vars = vec![
+            ("X_TUNNEL_BPG_CONN_INFO".to_string(), info),
+            ("X_URL".to_string(), url),
+        ];
+        if let Some(reader) = reader {
+            vars.push(("X_READONLY_URL".to_string(), reader));
+        }
+        let _ = discover(vars);
+    }
+
+    #[test]
+    fn discovery_never_panics_on_structured_garbage(
+        port in "[0-9a-z]{0,6}",
+        key in "[A-Za-z0-9+/=\\\\n-]{0,80}",
+        host_key in "[a-z0-9 +/=-]{0,60}",
+    ) {
+        let info = conn_info(&[("SSH_PORT", &port), ("SSH_USER_PRIVATE_KEY", &key), ("SSH_PUBLIC_HOST_KEY", &host_key)]);
+        let _ = discover([("X_TUNNEL_BPG_CONN_INFO".to_string(), info), ("X_URL".to_string(), url(5432))]);
+    }
+}

@@ -1,0 +1,125 @@
+//! One logfmt line per event on stdout, in the style of Heroku's own router and dyno manager:
+//! `source=bpg-tunnel level=info event=ssh-connected addon=DATABASE ms=42`.
+//!
+//! Events are emitted with `tracing` macros whose fields become logfmt pairs, so filtering
+//! (`BPG_TUNNEL_LOG` / `RUST_LOG`) works as usual. Nothing here ever receives a secret: callers
+//! log names, addresses and counts, never config values.
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
+
+pub struct Logfmt;
+
+impl<S, N> FormatEvent<S, N> for Logfmt
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        let mut line = String::with_capacity(160);
+        line.push_str("source=bpg-tunnel level=");
+        line.push_str(&meta.level().as_str().to_ascii_lowercase());
+        if !meta.target().starts_with("bpg_tunnel") {
+            // Library events (russh, ...) are rare and only at debug; say where they come from.
+            push_pair(&mut line, "target", meta.target());
+        }
+        event.record(&mut PairVisitor { line: &mut line });
+        writeln!(writer, "{line}")
+    }
+}
+
+struct PairVisitor<'a> {
+    line: &'a mut String,
+}
+
+impl Visit for PairVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        push_pair(self.line, key(field), value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        push_pair(self.line, key(field), &format!("{value:?}"));
+    }
+}
+
+fn key(field: &Field) -> &'static str {
+    match field.name() {
+        "message" => "msg",
+        name => name,
+    }
+}
+
+/// Appends ` key=value`, quoting the value when logfmt requires it.
+pub fn push_pair(line: &mut String, key: &str, value: &str) {
+    line.push(' ');
+    line.push_str(key);
+    line.push('=');
+    let needs_quotes = value.is_empty()
+        || value
+            .chars()
+            .any(|c| c == ' ' || c == '=' || c == '"' || c == '\\' || c.is_control());
+    if !needs_quotes {
+        line.push_str(value);
+        return;
+    }
+    line.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            '\n' => line.push_str("\\n"),
+            c if c.is_control() => {
+                let _ = write!(line, "\\u{{{:x}}}", c as u32);
+            }
+            c => line.push(c),
+        }
+    }
+    line.push('"');
+}
+
+/// Installs the logfmt subscriber. `filter` uses RUST_LOG syntax; an invalid filter falls back to
+/// `info` with a warning rather than silencing the daemon.
+pub fn init(filter: &str) {
+    let (filter, invalid) = match EnvFilter::try_new(filter) {
+        Ok(filter) => (filter, None),
+        Err(error) => (EnvFilter::new("info"), Some(error.to_string())),
+    };
+    let _ = tracing_subscriber::fmt()
+        .event_format(Logfmt)
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .try_init();
+    if let Some(error) = invalid {
+        tracing::warn!(event = "config-error", var = "BPG_TUNNEL_LOG", error = %error, "invalid log filter; using info");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_only_when_needed() {
+        let mut line = String::new();
+        push_pair(&mut line, "addon", "DATABASE");
+        push_pair(&mut line, "reason", "connection reset by peer");
+        push_pair(&mut line, "empty", "");
+        push_pair(&mut line, "q", "say \"hi\"\nbye");
+        assert_eq!(
+            line,
+            r#" addon=DATABASE reason="connection reset by peer" empty="" q="say \"hi\"\nbye""#
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! The daemon's own settings. Every one is a flag and a `BPG_TUNNEL_*` variable, so it can be
+//! set as a Heroku config var without touching the Procfile.
+
+use std::time::Duration;
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct Options {
+    /// How long to wait for the SSH server to accept, complete the handshake and authenticate.
+    #[arg(long, env = "BPG_TUNNEL_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// After this long without hearing from the SSH server, ask it for a sign of life.
+    #[arg(long, env = "BPG_TUNNEL_KEEPALIVE_INTERVAL", default_value = "3s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// The session is declared dead after this many keepalive intervals without a reply.
+    #[arg(long, env = "BPG_TUNNEL_KEEPALIVE_COUNT", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keepalive_count: u32,
+
+    /// How long a new connection waits for the SSH session while it is down before being closed.
+    #[arg(long, env = "BPG_TUNNEL_CONNECTION_WAIT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub connection_wait_timeout: Duration,
+
+    /// Longest pause between reconnect attempts after network failures.
+    #[arg(long, env = "BPG_TUNNEL_RECONNECT_MAX_DELAY", default_value = "10s", value_parser = parse_duration)]
+    pub reconnect_max_delay: Duration,
+
+    /// Pause after the server rejects our key or presents the wrong host key (it runs fail2ban).
+    #[arg(long, env = "BPG_TUNNEL_AUTH_FAILURE_DELAY", default_value = "30s", value_parser = parse_duration)]
+    pub auth_failure_delay: Duration,
+
+    /// Log filter in RUST_LOG syntax (`info`, `debug`, `bpg_tunnel=debug`); RUST_LOG is read
+    /// when this is not set; the default is `info`.
+    #[arg(long, env = "BPG_TUNNEL_LOG")]
+    pub log: Option<String>,
+}
+
+impl Options {
+    pub fn log_filter(&self) -> String {
+        self.log
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info".to_owned())
+    }
+
+    /// How long the server may stay silent before the session is declared dead.
+    pub fn dead_after(&self) -> Duration {
+        self.keepalive_interval * self.keepalive_count
+    }
+}
+
+/// Accepts `250ms`, `3s`, `2m`, `1h`, or a bare number of seconds (`1.5`).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration; expected e.g. 500ms, 3s, 2m"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("unknown unit {other:?}; expected ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(number * scale)
+        .map_err(|_| format!("{raw:?} is out of range; expected e.g. 500ms, 3s, 2m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3 fortnights").is_err());
+    }
+}

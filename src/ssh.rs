@@ -1,0 +1,427 @@
+//! One SSH session to an add-on's server: connect, pin the host key, authenticate with the
+//! in-memory client key, open `direct-tcpip` channels, and tell when the server stops answering.
+//!
+//! Liveness is judged from the socket, not from russh's own keepalive: every byte read from the
+//! server counts as a sign of life, a keepalive request is sent after each silent interval, and
+//! after `interval × count` of silence the session is declared dead and its socket shut down, so
+//! that nothing (not even a write blocked on a full send buffer) outlives it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use russh::client::{self, DisconnectReason, Handle, Msg};
+use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::ChannelStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::config::{describe_key, HostKey, SshServer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("could not connect to {server}: {source}")]
+    Connect { server: String, source: io::Error },
+    #[error("{server} did not complete the SSH handshake and authentication within {timeout:?}")]
+    Timeout { server: String, timeout: Duration },
+    #[error("{server} presented host key {presented}, but SSH_PUBLIC_HOST_KEY is {expected}; refusing to forward anything through it")]
+    HostKeyMismatch {
+        server: String,
+        presented: String,
+        expected: String,
+    },
+    #[error("{server} rejected SSH_USER_PRIVATE_KEY ({algorithm}) for user {user:?}")]
+    AuthRejected {
+        server: String,
+        user: String,
+        algorithm: String,
+    },
+    #[error("SSH session with {server} failed: {source}")]
+    Protocol {
+        server: String,
+        source: russh::Error,
+    },
+}
+
+impl SessionError {
+    /// The server refused us on purpose: retrying quickly will not help and may trip fail2ban.
+    pub fn is_rejection(&self) -> bool {
+        matches!(
+            self,
+            SessionError::HostKeyMismatch { .. } | SessionError::AuthRejected { .. }
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("the SSH server refused to open a channel to {target}: {reason}")]
+    Refused { target: String, reason: String },
+    #[error("the SSH session ended while opening a channel to {target}")]
+    SessionGone { target: String },
+}
+
+/// Why a session that was up is no longer usable.
+#[derive(Debug, Clone)]
+pub enum Ended {
+    /// Nothing was heard from the server for this long despite keepalive requests.
+    Unresponsive(Duration),
+    /// The server or the network closed it; the text says how, when known.
+    Closed(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Unresponsive(silence) => write!(
+                f,
+                "no answer to keepalives for {} ms",
+                silence.as_millis()
+            ),
+            Ended::Closed(how) => f.write_str(how),
+        }
+    }
+}
+
+/// Tuning of one session; see [`crate::options::Options`].
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub connect_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_count: u32,
+}
+
+pub struct Session {
+    handle: Handle<Client>,
+    /// A duplicate of the socket's descriptor, used only to shut the socket down.
+    socket: socket2::Socket,
+    bytes_in: Arc<AtomicU64>,
+    closed: CancellationToken,
+    close_reason: Arc<Mutex<Option<String>>>,
+    server: String,
+}
+
+impl Session {
+    pub async fn connect(
+        server: &SshServer,
+        settings: &SessionSettings,
+    ) -> Result<Session, SessionError> {
+        let name = format!("{}:{}", server.host, server.port);
+        let deadline = tokio::time::Instant::now() + settings.connect_timeout;
+        let timeout = || SessionError::Timeout {
+            server: name.clone(),
+            timeout: settings.connect_timeout,
+        };
+
+        let tcp = tokio::time::timeout_at(
+            deadline,
+            TcpStream::connect((server.host.as_str(), server.port)),
+        )
+        .await
+        .map_err(|_| timeout())?
+        .map_err(|source| SessionError::Connect {
+            server: name.clone(),
+            source,
+        })?;
+        let io_error = |source| SessionError::Connect {
+            server: name.clone(),
+            source,
+        };
+        tcp.set_nodelay(true).map_err(io_error)?;
+        let socket = socket2::SockRef::from(&tcp).try_clone().map_err(io_error)?;
+
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let closed = CancellationToken::new();
+        let close_reason = Arc::new(Mutex::new(None));
+        let presented = Arc::new(Mutex::new(None));
+        let client = Client {
+            expected: server.host_key.clone(),
+            presented: presented.clone(),
+            close_reason: close_reason.clone(),
+            _closed_on_drop: closed.clone().drop_guard(),
+        };
+        let stream = CountingStream {
+            inner: tcp,
+            bytes_in: bytes_in.clone(),
+        };
+        let handshake = handshake(server, client, stream, &name, &presented);
+        let result = match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(result) => result,
+            Err(_) => Err(timeout()),
+        };
+        match result {
+            Ok(handle) => Ok(Session {
+                handle,
+                socket,
+                bytes_in,
+                closed,
+                close_reason,
+                server: name,
+            }),
+            Err(error) => {
+                // Stops russh's session task, which may be blocked on the socket.
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+                Err(error)
+            }
+        }
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled() || self.handle.is_closed()
+    }
+
+    /// Opens a `direct-tcpip` channel to `host:port` as seen from the SSH server.
+    pub async fn open_direct_tcpip(
+        &self,
+        host: &str,
+        port: u16,
+        originator: SocketAddr,
+    ) -> Result<ChannelStream<Msg>, ChannelError> {
+        let target = || format!("{host}:{port}");
+        let channel = self
+            .handle
+            .channel_open_direct_tcpip(
+                host,
+                u32::from(port),
+                originator.ip().to_string(),
+                u32::from(originator.port()),
+            )
+            .await
+            .map_err(|error| match error {
+                russh::Error::ChannelOpenFailure(reason) => ChannelError::Refused {
+                    target: target(),
+                    reason: format!("{reason:?}"),
+                },
+                _ => ChannelError::SessionGone { target: target() },
+            })?;
+        Ok(channel.into_stream())
+    }
+
+    /// Resolves when the session is no longer usable, after shutting its socket down.
+    pub async fn ended(&self, settings: &SessionSettings) -> Ended {
+        let interval = settings.keepalive_interval;
+        let dead_after = interval * settings.keepalive_count;
+        // Checking four times per interval bounds detection at dead_after + interval / 4.
+        let tick = (interval / 4).max(Duration::from_millis(20));
+        let mut seen = self.bytes_in.load(Ordering::Relaxed);
+        let mut last_heard = Instant::now();
+        let mut keepalives_sent = 0u32;
+        loop {
+            tokio::select! {
+                () = self.closed.cancelled() => {
+                    let reason = self.close_reason.lock().ok().and_then(|mut r| r.take());
+                    return Ended::Closed(reason.unwrap_or_else(|| "connection closed".into()));
+                }
+                () = tokio::time::sleep(tick) => {}
+            }
+            let now_seen = self.bytes_in.load(Ordering::Relaxed);
+            if now_seen != seen {
+                seen = now_seen;
+                last_heard = Instant::now();
+                keepalives_sent = 0;
+            }
+            let silence = last_heard.elapsed();
+            if silence >= dead_after {
+                self.kill();
+                return Ended::Unresponsive(silence);
+            }
+            if silence >= interval * (keepalives_sent + 1) {
+                keepalives_sent += 1;
+                // Bounded: russh's queue may be full when the server is hung.
+                let _ = tokio::time::timeout(tick, self.handle.send_keepalive(true)).await;
+            }
+        }
+    }
+
+    /// Tears the session down at once, whatever state the peer is in.
+    pub fn kill(&self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Says goodbye politely (used at shutdown), then makes sure the socket is gone.
+    pub async fn close(&self) {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(500),
+            self.handle
+                .disconnect(russh::Disconnect::ByApplication, "bpg-tunnel stopping", "en"),
+        )
+        .await;
+        self.kill();
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn handshake(
+    server: &SshServer,
+    client: Client,
+    stream: CountingStream,
+    name: &str,
+    presented: &Mutex<Option<String>>,
+) -> Result<Handle<Client>, SessionError> {
+    let protocol = |source| SessionError::Protocol {
+        server: name.to_owned(),
+        source,
+    };
+    let config = Arc::new(client::Config {
+        // We judge liveness ourselves (see `Session::ended`).
+        keepalive_interval: None,
+        inactivity_timeout: None,
+        nodelay: true,
+        ..Default::default()
+    });
+    let mut handle = match client::connect_stream(config, stream, client).await {
+        Ok(handle) => handle,
+        Err(error) => {
+            if let Some(presented) = presented.lock().ok().and_then(|p| p.clone()) {
+                return Err(SessionError::HostKeyMismatch {
+                    server: name.to_owned(),
+                    presented,
+                    expected: server.host_key.describe(),
+                });
+            }
+            return Err(protocol(error));
+        }
+    };
+
+    let key = server.private_key.0.clone();
+    let hash = if key.algorithm().is_rsa() {
+        handle.best_supported_rsa_hash().await.map_err(protocol)?.flatten()
+    } else {
+        None
+    };
+    let algorithm = key.algorithm().to_string();
+    let result = handle
+        .authenticate_publickey(&server.username, PrivateKeyWithHashAlg::new(key, hash))
+        .await
+        .map_err(protocol)?;
+    if !result.success() {
+        return Err(SessionError::AuthRejected {
+            server: name.to_owned(),
+            user: server.username.clone(),
+            algorithm,
+        });
+    }
+    Ok(handle)
+}
+
+struct Client {
+    expected: HostKey,
+    /// Set to the presented key's description when it does not match.
+    presented: Arc<Mutex<Option<String>>>,
+    close_reason: Arc<Mutex<Option<String>>>,
+    /// russh drops the handler when its session task ends, for whatever reason: that is the one
+    /// signal that covers every way a session can die.
+    _closed_on_drop: DropGuard,
+}
+
+impl client::Handler for Client {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        // Certificates are not part of the add-on's contract: only the pinned key is trusted.
+        let key = match server_public_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key,
+            PublicKeyOrCertificate::Certificate(cert) => {
+                if let Ok(mut presented) = self.presented.lock() {
+                    *presented = Some(format!("a certificate ({})", cert.algorithm()));
+                }
+                return Ok(false);
+            }
+        };
+        if self.expected.matches(key) {
+            return Ok(true);
+        }
+        if let Ok(mut presented) = self.presented.lock() {
+            *presented = Some(describe_key(key));
+        }
+        Ok(false)
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let text = match &reason {
+            DisconnectReason::ReceivedDisconnect(info) => {
+                format!("server disconnected: {}", info.message)
+            }
+            DisconnectReason::Error(error) => error.to_string(),
+        };
+        if let Ok(mut slot) = self.close_reason.lock() {
+            slot.get_or_insert(text);
+        }
+        match reason {
+            DisconnectReason::ReceivedDisconnect(_) => Ok(()),
+            DisconnectReason::Error(error) => Err(error),
+        }
+    }
+}
+
+/// Counts bytes read from the server: the cheapest sign of life there is.
+struct CountingStream {
+    inner: TcpStream,
+    bytes_in: Arc<AtomicU64>,
+}
+
+impl AsyncRead for CountingStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.bytes_in.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for CountingStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

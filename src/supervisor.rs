@@ -1,0 +1,158 @@
+//! Keeps one SSH session up per add-on, forever, and publishes it to the forwarder.
+//!
+//! The current session is shared through a `watch` channel: `Some` while it is usable, `None`
+//! while it is being replaced. Connections accepted meanwhile wait on the channel instead of
+//! being refused.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::Addon;
+use crate::ssh::{Session, SessionError, SessionSettings};
+
+/// The first reconnect comes within this long of a lost session.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// A session that lasted this long resets the backoff: the next loss is treated as new.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Longest pause after repeated rejections (wrong key, wrong host key).
+const MAX_REJECTION_DELAY: Duration = Duration::from_secs(600);
+
+pub type SessionSlot = watch::Receiver<Option<Arc<Session>>>;
+
+pub struct Supervisor {
+    addon: Addon,
+    settings: SessionSettings,
+    reconnect_max_delay: Duration,
+    rejection_delay: Duration,
+    current: watch::Sender<Option<Arc<Session>>>,
+}
+
+impl Supervisor {
+    pub fn new(
+        addon: Addon,
+        settings: SessionSettings,
+        reconnect_max_delay: Duration,
+        rejection_delay: Duration,
+    ) -> Supervisor {
+        Supervisor {
+            addon,
+            settings,
+            reconnect_max_delay,
+            rejection_delay,
+            current: watch::Sender::new(None),
+        }
+    }
+
+    /// Where the forwarder finds the current session.
+    pub fn sessions(&self) -> SessionSlot {
+        self.current.subscribe()
+    }
+
+    /// Runs until `shutdown` is cancelled. Never gives up because the server is away.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let addon = self.addon.name.as_str();
+        let server = format!("{}:{}", self.addon.ssh.host, self.addon.ssh.port);
+        let mut backoff = Backoff::new(FIRST_RETRY, self.reconnect_max_delay);
+        let mut rejections = 0u32;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            info!(event = "ssh-connecting", addon, server, attempt);
+            let started = Instant::now();
+            let connected = tokio::select! {
+                result = Session::connect(&self.addon.ssh, &self.settings) => result,
+                () = shutdown.cancelled() => break,
+            };
+            let delay = match connected {
+                Ok(session) => {
+                    info!(
+                        event = "ssh-connected",
+                        addon,
+                        server,
+                        attempt,
+                        ms = started.elapsed().as_millis() as u64
+                    );
+                    rejections = 0;
+                    attempt = 0;
+                    let session = Arc::new(session);
+                    self.current.send_replace(Some(session.clone()));
+                    let up_since = Instant::now();
+                    let ended = tokio::select! {
+                        ended = session.ended(&self.settings) => Some(ended),
+                        () = shutdown.cancelled() => None,
+                    };
+                    self.current.send_replace(None);
+                    let Some(ended) = ended else {
+                        session.close().await;
+                        break;
+                    };
+                    warn!(
+                        event = "ssh-disconnected",
+                        addon,
+                        server,
+                        reason = %ended,
+                        up_ms = up_since.elapsed().as_millis() as u64
+                    );
+                    if up_since.elapsed() >= STABLE_AFTER {
+                        backoff.reset();
+                    }
+                    backoff.next_delay()
+                }
+                Err(error) if error.is_rejection() => {
+                    rejections += 1;
+                    let event = match error {
+                        SessionError::HostKeyMismatch { .. } => "host-key-mismatch",
+                        _ => "auth-failed",
+                    };
+                    error!(event, addon, server, error = %error);
+                    rejection_delay(self.rejection_delay, rejections)
+                }
+                Err(error) => {
+                    warn!(event = "ssh-connect-failed", addon, server, error = %error);
+                    backoff.next_delay()
+                }
+            };
+            info!(
+                event = "reconnect-scheduled",
+                addon,
+                server,
+                attempt = attempt + 1,
+                delay_ms = delay.as_millis() as u64
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+        self.current.send_replace(None);
+    }
+}
+
+/// Doubles from `base` per consecutive rejection up to ten minutes, with up to 25% added at
+/// random so that a fleet of dynos with the same bad key does not knock in step.
+fn rejection_delay(base: Duration, rejections: u32) -> Duration {
+    let doubled = base.saturating_mul(2u32.saturating_pow(rejections.saturating_sub(1).min(16)));
+    let capped = doubled.min(MAX_REJECTION_DELAY.max(base));
+    capped + capped.mul_f64(fastrand::f64() * 0.25)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_back_off_from_the_base_and_are_capped() {
+        let base = Duration::from_secs(30);
+        let first = rejection_delay(base, 1);
+        assert!(first >= base && first <= base.mul_f64(1.25));
+        let second = rejection_delay(base, 2);
+        assert!(second >= base * 2);
+        let many = rejection_delay(base, 50);
+        assert!(many >= MAX_REJECTION_DELAY && many <= MAX_REJECTION_DELAY.mul_f64(1.25));
+    }
+}
