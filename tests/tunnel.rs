@@ -1,0 +1,249 @@
+//! End-to-end behaviour of the tunnel against a real sshd and PostgreSQL.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{connect, server_addr, KeyKind, Tunnel};
+
+const START: Duration = Duration::from_secs(20);
+
+fn spawn(vars: &std::collections::BTreeMap<String, String>, args: &[&str]) -> Tunnel {
+    Tunnel::spawn(vars.iter(), args)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writer_and_reader_both_serve_queries() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let tunnel = spawn(&db.vars, &[]);
+    tunnel.wait_for(&["event=ssh-connected", "addon=DATABASE"], START);
+
+    assert_eq!(server_addr(db.writer_port).await.unwrap(), "127.0.0.1");
+    assert_eq!(server_addr(db.reader_port.unwrap()).await.unwrap(), "127.0.0.2");
+    // Several connections share the one session.
+    let clients = futures_join(db.writer_port, 10).await;
+    assert_eq!(clients, 10);
+    assert_eq!(tunnel.count("event=ssh-connected"), 1);
+    let listening = tunnel.lines().iter().filter(|l| l.contains("event=listening")).count();
+    assert_eq!(listening, 2);
+}
+
+async fn futures_join(port: u16, n: usize) -> usize {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        tasks.spawn(async move {
+            let client = connect(port).await.unwrap();
+            let row = client
+                .query_one("select $1::int + 1", &[&(i as i32)])
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, i32>(0), i as i32 + 1);
+        });
+    }
+    let mut done = 0;
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+        done += 1;
+    }
+    done
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_addons_at_once_and_a_duplicate_attachment_served_once() {
+    let Some(lab) = support::lab() else { return };
+    let first = lab.attachment("DATABASE");
+    let second = lab.attachment("BOREALIS_PG_RED");
+    // The first add-on attached a second time under another name: same URL, same conn-info.
+    let mut vars = first.vars.clone();
+    vars.extend(second.vars.clone());
+    for (key, value) in &first.vars {
+        vars.insert(key.replacen("DATABASE", "BOREALIS_PG_BLUE", 1), value.clone());
+    }
+    let tunnel = spawn(&vars, &[]);
+    tunnel.wait_for(&["event=ssh-connected", "addon=DATABASE"], START);
+    tunnel.wait_for(&["event=ssh-connected", "addon=BOREALIS_PG_RED"], START);
+
+    assert_eq!(server_addr(first.writer_port).await.unwrap(), "127.0.0.1");
+    assert_eq!(server_addr(second.writer_port).await.unwrap(), "127.0.0.1");
+    assert_eq!(server_addr(second.reader_port.unwrap()).await.unwrap(), "127.0.0.2");
+
+    let lines = tunnel.lines();
+    assert_eq!(lines.iter().filter(|l| l.contains("event=listening")).count(), 4);
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("event=config-notice") && l.contains("BOREALIS_PG_BLUE_URL") && l.contains("served once")));
+    assert!(!lines.iter().any(|l| l.contains("addon=BOREALIS_PG_BLUE") && l.contains("ssh-connect")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_session_is_replaced_and_the_next_query_just_works() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let tunnel = spawn(&db.vars, &[]);
+    tunnel.wait_for(&["event=ssh-connected"], START);
+    assert_eq!(server_addr(db.writer_port).await.unwrap(), "127.0.0.1");
+
+    let killed_at = Instant::now();
+    assert!(lab.sshd.signal_sessions(libc::SIGKILL) > 0);
+    // No pause: the app's very next connection must work, at worst a little later.
+    assert_eq!(server_addr(db.writer_port).await.unwrap(), "127.0.0.1");
+    let recovered = killed_at.elapsed();
+    tunnel.wait_for(&["event=ssh-disconnected"], START);
+    tunnel.wait_for_nth(&["event=ssh-connected"], 2, START);
+    eprintln!("dropped session: next query succeeded after {recovered:?}");
+    assert!(recovered < Duration::from_secs(5), "recovery took {recovered:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hung_server_is_detected_and_replaced_within_keepalive_budget() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    // The defaults: keepalive every 3 s, dead after 3 unanswered.
+    let tunnel = spawn(&db.vars, &[]);
+    tunnel.wait_for(&["event=ssh-connected"], START);
+    let client = connect(db.writer_port).await.unwrap();
+    client.simple_query("select 1").await.unwrap();
+
+    let stopped_at = Instant::now();
+    assert!(lab.sshd.signal_sessions(libc::SIGSTOP) > 0);
+    let addr = server_addr(db.writer_port).await.unwrap();
+    let recovered = stopped_at.elapsed();
+    lab.sshd.signal_sessions(libc::SIGCONT);
+    assert_eq!(addr, "127.0.0.1");
+    let line = tunnel.wait_for(&["event=ssh-disconnected"], START);
+    assert!(line.contains("no answer to keepalives"), "{line}");
+    eprintln!("hung server: new session served a query after {recovered:?}");
+    assert!(
+        recovered <= Duration::from_secs(3 * 3 + 2),
+        "took {recovered:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_down_for_ten_seconds_then_back_recovers_and_waiting_connections_succeed() {
+    let Some(mut lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let tunnel = spawn(&db.vars, &[]);
+    tunnel.wait_for(&["event=ssh-connected"], START);
+    assert_eq!(server_addr(db.writer_port).await.unwrap(), "127.0.0.1");
+
+    lab.sshd.stop();
+    tunnel.wait_for(&["event=ssh-disconnected"], START);
+    // Opened while the server is away: must wait, not be refused.
+    let waiting = tokio::spawn(server_addr(db.writer_port));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!waiting.is_finished(), "the connection should still be waiting");
+    lab.sshd.restart();
+    let restarted_at = Instant::now();
+    let addr = tokio::time::timeout(Duration::from_secs(25), waiting)
+        .await
+        .expect("waiting connection served after the server came back")
+        .unwrap()
+        .unwrap();
+    eprintln!("server back: waiting connection served after {:?}", restarted_at.elapsed());
+    assert_eq!(addr, "127.0.0.1");
+    assert!(tunnel.count("event=reconnect-scheduled") >= 2);
+    // Backoff is capped at 10 s, so recovery after the restart cannot take much longer.
+    assert!(restarted_at.elapsed() < Duration::from_secs(12));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_host_key_never_forwards_and_says_so() {
+    let Some(lab) = support::lab() else { return };
+    let mut db = lab.attachment("DATABASE");
+    let impostor = lab.sshd.new_client_key(KeyKind::Ed25519);
+    db.set_conn_info("SSH_PUBLIC_HOST_KEY", &impostor.public);
+    let tunnel = spawn(&db.vars, &["--connection-wait-timeout", "3s"]);
+    let line = tunnel.wait_for(&["event=host-key-mismatch", "addon=DATABASE"], START);
+    assert!(line.contains("refusing to forward"), "{line}");
+
+    let result = server_addr(db.writer_port).await;
+    assert!(result.is_err(), "a query went through a server with the wrong host key");
+    tunnel.wait_for(&["event=connection-wait-expired"], START);
+    assert_eq!(tunnel.count("event=ssh-connected"), 0);
+    // Our key was never offered to the impostor.
+    assert!(!lab.sshd.log().contains("Accepted publickey"), "{}", lab.sshd.log());
+    // fail2ban-friendly: no quick retry after a rejection.
+    let scheduled = tunnel.wait_for(&["event=reconnect-scheduled"], START);
+    let delay: u64 = field(&scheduled, "delay_ms").parse().unwrap();
+    assert!(delay >= 30_000, "{scheduled}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_client_key_is_reported_as_auth_failed() {
+    let Some(lab) = support::lab() else { return };
+    let mut db = lab.attachment("DATABASE");
+    let stranger = lab.sshd.new_client_key(KeyKind::Ed25519);
+    db.set_conn_info("SSH_USER_PRIVATE_KEY", &stranger.private);
+    let tunnel = spawn(&db.vars, &["--connection-wait-timeout", "2s"]);
+    let line = tunnel.wait_for(&["event=auth-failed", "addon=DATABASE"], START);
+    assert!(line.contains("rejected SSH_USER_PRIVATE_KEY"), "{line}");
+    assert!(server_addr(db.writer_port).await.is_err());
+    let scheduled = tunnel.wait_for(&["event=reconnect-scheduled"], START);
+    assert!(field(&scheduled, "delay_ms").parse::<u64>().unwrap() >= 30_000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_port_already_taken_names_the_variable_and_the_port() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", db.writer_port)).unwrap();
+    let mut vars = db.vars.clone();
+    vars.remove("DATABASE_READONLY_URL");
+    let mut tunnel = spawn(&vars, &[]);
+    let status = tunnel.wait_exit(START).expect("exits when nothing can be served");
+    assert!(!status.success());
+    let line = tunnel.wait_for(&["event=listen-failed"], START);
+    assert!(line.contains("DATABASE_URL"), "{line}");
+    assert!(line.contains(&format!("port={}", db.writer_port)), "{line}");
+    assert!(line.contains("already in use") || line.contains("Address in use"), "{line}");
+    drop(squatter);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_supported_key_type_and_encoding_authenticates() {
+    let Some(lab) = support::lab() else { return };
+    for kind in KeyKind::ALL {
+        let key = lab.sshd.new_client_key(kind);
+        lab.sshd.authorize(&key.public);
+        let mut db = lab.attachment("DATABASE");
+        // CRLF line ends, as a key pasted on Windows would have.
+        let private = if kind == KeyKind::RsaPkcs1 {
+            key.private.replace('\n', "\r\n")
+        } else {
+            key.private.clone()
+        };
+        db.set_conn_info("SSH_USER_PRIVATE_KEY", &private);
+        let tunnel = spawn(&db.vars, &[]);
+        tunnel.wait_for(&["event=ssh-connected"], START);
+        assert_eq!(
+            server_addr(db.writer_port).await.unwrap(),
+            "127.0.0.1",
+            "{kind:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_reach_the_logs() {
+    let Some(lab) = support::lab() else { return };
+    let mut db = lab.attachment("DATABASE");
+    db.set("BROKEN_TUNNEL_BPG_CONN_INFO", format!("SSH_USER_PRIVATE_KEY:={}", "x".repeat(10)));
+    db.set("BROKEN_URL", "postgres://u:hunter2-secret@pg-tunnel.borealis-data.com:1/db");
+    let tunnel = spawn(&db.vars, &[]);
+    tunnel.wait_for(&["event=ssh-connected"], START);
+    server_addr(db.writer_port).await.unwrap();
+    let output = tunnel.lines().join("\n");
+    assert!(output.contains("event=config-error"));
+    let key_body: Vec<&str> = lab.client_key.private.lines().skip(1).take(3).collect();
+    for secret in key_body.iter().copied().chain(["hunter2-secret", support::DB_PASSWORD, "s3cr"]) {
+        assert!(!output.contains(secret), "secret {secret:?} in output:\n{output}");
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|pair| pair.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
