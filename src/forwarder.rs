@@ -53,9 +53,7 @@ impl Listener {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.forward.listen)
+        self.listener.local_addr().unwrap_or(self.forward.listen)
     }
 
     pub fn forward(&self) -> &Forward {
@@ -109,9 +107,11 @@ impl Connection {
         let (addon, role, peer) = (&self.addon, self.forward.role, self.peer);
         debug!(event = "connection-open", addon, %role, %peer);
         loop {
-            let ready = |s: &Option<_>| s.as_ref().is_some_and(|s: &std::sync::Arc<crate::ssh::Session>| !s.is_closed());
-            let session = match tokio::time::timeout_at(deadline, sessions.wait_for(ready)).await
-            {
+            let ready = |s: &Option<_>| {
+                s.as_ref()
+                    .is_some_and(|s: &std::sync::Arc<crate::ssh::Session>| !s.is_closed())
+            };
+            let session = match tokio::time::timeout_at(deadline, sessions.wait_for(ready)).await {
                 Ok(Ok(session)) => session.clone().expect("wait_for guarantees Some"),
                 // The supervisor is gone: the process is stopping.
                 Ok(Err(_)) => return,

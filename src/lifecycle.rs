@@ -144,10 +144,20 @@ impl Tunnels {
         connections.close();
         let open = connections.len();
         if open > 0 {
-            info!(event = "draining", open_connections = open, grace_ms = CLOSE_GRACE.as_millis() as u64);
+            info!(
+                event = "draining",
+                open_connections = open,
+                grace_ms = CLOSE_GRACE.as_millis() as u64
+            );
         }
-        if tokio::time::timeout(CLOSE_GRACE, connections.wait()).await.is_err() {
-            warn!(event = "connections-cut", open_connections = connections.len());
+        if tokio::time::timeout(CLOSE_GRACE, connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                event = "connections-cut",
+                open_connections = connections.len()
+            );
         }
         // Ends every session, which in turn ends any connection still copying.
         stop_sessions.cancel();
@@ -163,9 +173,15 @@ pub async fn run_foreground(options: Options) -> ExitCode {
     let tunnels = Tunnels::bind(discovery, &options).await;
     if tunnels.is_empty() {
         if had_addons {
-            error!(event = "nothing-to-serve", "no add-on tunnel could be started; see the errors above");
+            error!(
+                event = "nothing-to-serve",
+                "no add-on tunnel could be started; see the errors above"
+            );
         } else {
-            error!(event = "nothing-to-serve", "no *_TUNNEL_BPG_CONN_INFO variable is set");
+            error!(
+                event = "nothing-to-serve",
+                "no *_TUNNEL_BPG_CONN_INFO variable is set"
+            );
         }
         return ExitCode::FAILURE;
     }
@@ -195,7 +211,11 @@ fn stop_on_signals(stop: CancellationToken) -> std::io::Result<tokio::task::Join
         info!(event = "signal", signal = name, "stopping");
         stop.cancel();
         int.recv().await;
-        warn!(event = "signal", signal = "SIGINT", "second interrupt; exiting at once");
+        warn!(
+            event = "signal",
+            signal = "SIGINT",
+            "second interrupt; exiting at once"
+        );
         std::process::exit(130);
     }))
 }

@@ -31,8 +31,9 @@ where
         let mut line = String::with_capacity(160);
         line.push_str("source=bpg-tunnel level=");
         line.push_str(&meta.level().as_str().to_ascii_lowercase());
-        if !meta.target().starts_with("bpg_tunnel") {
-            // Library events (russh, ...) are rare and only at debug; say where they come from.
+        // Library events (russh, ...) are rare and mostly at debug; say where they come from.
+        // Those bridged from the `log` crate carry their origin in a `log.target` field.
+        if !meta.target().starts_with("bpg_tunnel") && meta.target() != "log" {
             push_pair(&mut line, "target", meta.target());
         }
         event.record(&mut PairVisitor { line: &mut line });
@@ -46,11 +47,17 @@ struct PairVisitor<'a> {
 
 impl Visit for PairVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        push_pair(self.line, key(field), value);
+        match field.name() {
+            "log.target" => push_pair(self.line, "target", value),
+            name if name.starts_with("log.") => {}
+            _ => push_pair(self.line, key(field), value),
+        }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        push_pair(self.line, key(field), &format!("{value:?}"));
+        if !field.name().starts_with("log.") {
+            push_pair(self.line, key(field), &format!("{value:?}"));
+        }
     }
 }
 

@@ -44,11 +44,6 @@ impl Options {
             .or_else(|| std::env::var("RUST_LOG").ok())
             .unwrap_or_else(|| "info".to_owned())
     }
-
-    /// How long the server may stay silent before the session is declared dead.
-    pub fn dead_after(&self) -> Duration {
-        self.keepalive_interval * self.keepalive_count
-    }
 }
 
 /// Accepts `250ms`, `3s`, `2m`, `1h`, or a bare number of seconds (`1.5`).

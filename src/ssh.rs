@@ -78,11 +78,9 @@ pub enum Ended {
 impl std::fmt::Display for Ended {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Ended::Unresponsive(silence) => write!(
-                f,
-                "no answer to keepalives for {} ms",
-                silence.as_millis()
-            ),
+            Ended::Unresponsive(silence) => {
+                write!(f, "no answer to keepalives for {} ms", silence.as_millis())
+            }
             Ended::Closed(how) => f.write_str(how),
         }
     }
@@ -251,8 +249,11 @@ impl Session {
     pub async fn close(&self) {
         let _ = tokio::time::timeout(
             Duration::from_millis(500),
-            self.handle
-                .disconnect(russh::Disconnect::ByApplication, "bpg-tunnel stopping", "en"),
+            self.handle.disconnect(
+                russh::Disconnect::ByApplication,
+                "bpg-tunnel stopping",
+                "en",
+            ),
         )
         .await;
         self.kill();
@@ -299,7 +300,11 @@ async fn handshake(
 
     let key = server.private_key.0.clone();
     let hash = if key.algorithm().is_rsa() {
-        handle.best_supported_rsa_hash().await.map_err(protocol)?.flatten()
+        handle
+            .best_supported_rsa_hash()
+            .await
+            .map_err(protocol)?
+            .flatten()
     } else {
         None
     };

@@ -20,12 +20,19 @@ async fn writer_and_reader_both_serve_queries() {
     tunnel.wait_for(&["event=ssh-connected", "addon=DATABASE"], START);
 
     assert_eq!(server_addr(db.writer_port).await.unwrap(), "127.0.0.1");
-    assert_eq!(server_addr(db.reader_port.unwrap()).await.unwrap(), "127.0.0.2");
+    assert_eq!(
+        server_addr(db.reader_port.unwrap()).await.unwrap(),
+        "127.0.0.2"
+    );
     // Several connections share the one session.
     let clients = futures_join(db.writer_port, 10).await;
     assert_eq!(clients, 10);
     assert_eq!(tunnel.count("event=ssh-connected"), 1);
-    let listening = tunnel.lines().iter().filter(|l| l.contains("event=listening")).count();
+    let listening = tunnel
+        .lines()
+        .iter()
+        .filter(|l| l.contains("event=listening"))
+        .count();
     assert_eq!(listening, 2);
 }
 
@@ -58,7 +65,10 @@ async fn two_addons_at_once_and_a_duplicate_attachment_served_once() {
     let mut vars = first.vars.clone();
     vars.extend(second.vars.clone());
     for (key, value) in &first.vars {
-        vars.insert(key.replacen("DATABASE", "BOREALIS_PG_BLUE", 1), value.clone());
+        vars.insert(
+            key.replacen("DATABASE", "BOREALIS_PG_BLUE", 1),
+            value.clone(),
+        );
     }
     let tunnel = spawn(&vars, &[]);
     tunnel.wait_for(&["event=ssh-connected", "addon=DATABASE"], START);
@@ -66,14 +76,25 @@ async fn two_addons_at_once_and_a_duplicate_attachment_served_once() {
 
     assert_eq!(server_addr(first.writer_port).await.unwrap(), "127.0.0.1");
     assert_eq!(server_addr(second.writer_port).await.unwrap(), "127.0.0.1");
-    assert_eq!(server_addr(second.reader_port.unwrap()).await.unwrap(), "127.0.0.2");
+    assert_eq!(
+        server_addr(second.reader_port.unwrap()).await.unwrap(),
+        "127.0.0.2"
+    );
 
     let lines = tunnel.lines();
-    assert_eq!(lines.iter().filter(|l| l.contains("event=listening")).count(), 4);
-    assert!(lines
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("event=listening"))
+            .count(),
+        4
+    );
+    assert!(lines.iter().any(|l| l.contains("event=config-notice")
+        && l.contains("BOREALIS_PG_BLUE_URL")
+        && l.contains("served once")));
+    assert!(!lines
         .iter()
-        .any(|l| l.contains("event=config-notice") && l.contains("BOREALIS_PG_BLUE_URL") && l.contains("served once")));
-    assert!(!lines.iter().any(|l| l.contains("addon=BOREALIS_PG_BLUE") && l.contains("ssh-connect")));
+        .any(|l| l.contains("addon=BOREALIS_PG_BLUE") && l.contains("ssh-connect")));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -92,7 +113,10 @@ async fn killed_session_is_replaced_and_the_next_query_just_works() {
     tunnel.wait_for(&["event=ssh-disconnected"], START);
     tunnel.wait_for_nth(&["event=ssh-connected"], 2, START);
     eprintln!("dropped session: next query succeeded after {recovered:?}");
-    assert!(recovered < Duration::from_secs(5), "recovery took {recovered:?}");
+    assert!(
+        recovered < Duration::from_secs(5),
+        "recovery took {recovered:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -122,7 +146,9 @@ async fn hung_server_is_detected_and_replaced_within_keepalive_budget() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_down_for_ten_seconds_then_back_recovers_and_waiting_connections_succeed() {
-    let Some(mut lab) = support::lab() else { return };
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
     let db = lab.attachment("DATABASE");
     let tunnel = spawn(&db.vars, &[]);
     tunnel.wait_for(&["event=ssh-connected"], START);
@@ -133,7 +159,10 @@ async fn server_down_for_ten_seconds_then_back_recovers_and_waiting_connections_
     // Opened while the server is away: must wait, not be refused.
     let waiting = tokio::spawn(server_addr(db.writer_port));
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert!(!waiting.is_finished(), "the connection should still be waiting");
+    assert!(
+        !waiting.is_finished(),
+        "the connection should still be waiting"
+    );
     lab.sshd.restart();
     let restarted_at = Instant::now();
     let addr = tokio::time::timeout(Duration::from_secs(25), waiting)
@@ -141,7 +170,10 @@ async fn server_down_for_ten_seconds_then_back_recovers_and_waiting_connections_
         .expect("waiting connection served after the server came back")
         .unwrap()
         .unwrap();
-    eprintln!("server back: waiting connection served after {:?}", restarted_at.elapsed());
+    eprintln!(
+        "server back: waiting connection served after {:?}",
+        restarted_at.elapsed()
+    );
     assert_eq!(addr, "127.0.0.1");
     assert!(tunnel.count("event=reconnect-scheduled") >= 2);
     // Backoff is capped at 10 s, so recovery after the restart cannot take much longer.
@@ -159,11 +191,18 @@ async fn wrong_host_key_never_forwards_and_says_so() {
     assert!(line.contains("refusing to forward"), "{line}");
 
     let result = server_addr(db.writer_port).await;
-    assert!(result.is_err(), "a query went through a server with the wrong host key");
+    assert!(
+        result.is_err(),
+        "a query went through a server with the wrong host key"
+    );
     tunnel.wait_for(&["event=connection-wait-expired"], START);
     assert_eq!(tunnel.count("event=ssh-connected"), 0);
     // Our key was never offered to the impostor.
-    assert!(!lab.sshd.log().contains("Accepted publickey"), "{}", lab.sshd.log());
+    assert!(
+        !lab.sshd.log().contains("Accepted publickey"),
+        "{}",
+        lab.sshd.log()
+    );
     // fail2ban-friendly: no quick retry after a rejection.
     let scheduled = tunnel.wait_for(&["event=reconnect-scheduled"], START);
     let delay: u64 = field(&scheduled, "delay_ms").parse().unwrap();
@@ -192,12 +231,17 @@ async fn local_port_already_taken_names_the_variable_and_the_port() {
     let mut vars = db.vars.clone();
     vars.remove("DATABASE_READONLY_URL");
     let mut tunnel = spawn(&vars, &[]);
-    let status = tunnel.wait_exit(START).expect("exits when nothing can be served");
+    let status = tunnel
+        .wait_exit(START)
+        .expect("exits when nothing can be served");
     assert!(!status.success());
     let line = tunnel.wait_for(&["event=listen-failed"], START);
     assert!(line.contains("DATABASE_URL"), "{line}");
     assert!(line.contains(&format!("port={}", db.writer_port)), "{line}");
-    assert!(line.contains("already in use") || line.contains("Address in use"), "{line}");
+    assert!(
+        line.contains("already in use") || line.contains("Address in use"),
+        "{line}"
+    );
     drop(squatter);
 }
 
@@ -229,16 +273,29 @@ async fn every_supported_key_type_and_encoding_authenticates() {
 async fn secrets_never_reach_the_logs() {
     let Some(lab) = support::lab() else { return };
     let mut db = lab.attachment("DATABASE");
-    db.set("BROKEN_TUNNEL_BPG_CONN_INFO", format!("SSH_USER_PRIVATE_KEY:={}", "x".repeat(10)));
-    db.set("BROKEN_URL", "postgres://u:hunter2-secret@pg-tunnel.borealis-data.com:1/db");
+    db.set(
+        "BROKEN_TUNNEL_BPG_CONN_INFO",
+        format!("SSH_USER_PRIVATE_KEY:={}", "x".repeat(10)),
+    );
+    db.set(
+        "BROKEN_URL",
+        "postgres://u:hunter2-secret@pg-tunnel.borealis-data.com:1/db",
+    );
     let tunnel = spawn(&db.vars, &[]);
     tunnel.wait_for(&["event=ssh-connected"], START);
     server_addr(db.writer_port).await.unwrap();
     let output = tunnel.lines().join("\n");
     assert!(output.contains("event=config-error"));
     let key_body: Vec<&str> = lab.client_key.private.lines().skip(1).take(3).collect();
-    for secret in key_body.iter().copied().chain(["hunter2-secret", support::DB_PASSWORD, "s3cr"]) {
-        assert!(!output.contains(secret), "secret {secret:?} in output:\n{output}");
+    for secret in key_body
+        .iter()
+        .copied()
+        .chain(["hunter2-secret", support::DB_PASSWORD, "s3cr"])
+    {
+        assert!(
+            !output.contains(secret),
+            "secret {secret:?} in output:\n{output}"
+        );
     }
 }
 

@@ -140,7 +140,9 @@ mod tests {
     #[test]
     fn other_hosts_are_remote() {
         assert_eq!(
-            parse("postgres://u:p@db.internal.example:5432/d").unwrap().host,
+            parse("postgres://u:p@db.internal.example:5432/d")
+                .unwrap()
+                .host,
             UrlHost::Remote("db.internal.example".into())
         );
         assert_eq!(
@@ -155,7 +157,8 @@ mod tests {
 
     #[test]
     fn percent_encoded_userinfo_and_missing_parts_are_accepted() {
-        let url = parse("postgres://us%40er:p%7Cw%3Ad@pg-tunnel.borealis-data.com:5000/db").unwrap();
+        let url =
+            parse("postgres://us%40er:p%7Cw%3Ad@pg-tunnel.borealis-data.com:5000/db").unwrap();
         assert_eq!(url, local("127.0.0.1", 5000));
         // No userinfo, no database: still a place the app connects to.
         assert_eq!(
@@ -178,10 +181,7 @@ mod tests {
             parse("mysql://u:p@h:1/d"),
             Err(UrlProblem::WrongScheme("mysql".into()))
         );
-        assert_eq!(
-            parse("postgres://u:p@h:99999/d"),
-            Err(UrlProblem::BadPort)
-        );
+        assert_eq!(parse("postgres://u:p@h:99999/d"), Err(UrlProblem::BadPort));
         assert_eq!(parse("postgres://u:p@h:0/d"), Err(UrlProblem::BadPort));
         assert_eq!(parse("postgres:///db"), Err(UrlProblem::NoHost));
         for problem in [

@@ -209,7 +209,8 @@ where
 }
 
 fn strip_suffix_nonempty<'a>(name: &'a str, suffix: &str) -> Option<&'a str> {
-    name.strip_suffix(suffix).filter(|prefix| !prefix.is_empty())
+    name.strip_suffix(suffix)
+        .filter(|prefix| !prefix.is_empty())
 }
 
 /// Adds `addon` unless its listeners are already served (a second attachment of the same add-on)
@@ -270,7 +271,13 @@ struct AddonParser<'a> {
 }
 
 impl AddonParser<'_> {
-    fn problem(&mut self, severity: Severity, var: &str, key: Option<&'static str>, message: String) {
+    fn problem(
+        &mut self,
+        severity: Severity,
+        var: &str,
+        key: Option<&'static str>,
+        message: String,
+    ) {
         self.problems.push(Problem {
             severity,
             addon: self.prefix.to_owned(),
@@ -317,15 +324,24 @@ impl AddonParser<'_> {
         };
 
         // Parse every key before giving up, so one run of the app lists every mistake.
-        let host = self.required(&info, "SSH_HOST", "the SSH server's host name or IP address");
+        let host = self.required(
+            &info,
+            "SSH_HOST",
+            "the SSH server's host name or IP address",
+        );
         let port = self.port(&info, "SSH_PORT", DEFAULT_SSH_PORT);
         let username = self.required(&info, "SSH_USERNAME", "the SSH user name");
         let private_key = self.private_key(&info);
         let host_key = self.host_key(&info);
-        let writer_host =
-            self.required(&info, "POSTGRES_WRITER_HOST", "the writer database host name");
+        let writer_host = self.required(
+            &info,
+            "POSTGRES_WRITER_HOST",
+            "the writer database host name",
+        );
         let pg_port = self.port(&info, "POSTGRES_PORT", db_url::DEFAULT_PG_PORT);
-        let reader_host = info.get("POSTGRES_READER_HOST").map(|h| h.trim().to_owned());
+        let reader_host = info
+            .get("POSTGRES_READER_HOST")
+            .map(|h| h.trim().to_owned());
 
         let (
             Some(host),
@@ -335,7 +351,15 @@ impl AddonParser<'_> {
             Some(host_key),
             Some(writer_host),
             Some(pg_port),
-        ) = (host, port, username, private_key, host_key, writer_host, pg_port)
+        ) = (
+            host,
+            port,
+            username,
+            private_key,
+            host_key,
+            writer_host,
+            pg_port,
+        )
         else {
             return None;
         };
@@ -439,7 +463,11 @@ impl AddonParser<'_> {
                 Some(url)
             }
             Err(problem) => {
-                let served = if required { "this add-on" } else { "the reader" };
+                let served = if required {
+                    "this add-on"
+                } else {
+                    "the reader"
+                };
                 self.problem(
                     Severity::Error,
                     var,
@@ -451,12 +479,7 @@ impl AddonParser<'_> {
         }
     }
 
-    fn required(
-        &mut self,
-        info: &ConnInfo,
-        key: &'static str,
-        expected: &str,
-    ) -> Option<String> {
+    fn required(&mut self, info: &ConnInfo, key: &'static str, expected: &str) -> Option<String> {
         match info.get(key).map(str::trim) {
             Some(value) if !value.is_empty() && !value.contains(char::is_whitespace) => {
                 Some(value.to_owned())
@@ -547,7 +570,8 @@ pub fn parse_private_key(raw: &str) -> Result<PrivateKey, String> {
 
 /// Accepts `<type> <base64> [comment]`, or the bare base64 blob.
 pub fn parse_host_key(raw: &str) -> Result<HostKey, String> {
-    let expected = "expected the server's public key as \"<type> <base64>\", e.g. \"ssh-ed25519 AAAA...\"";
+    let expected =
+        "expected the server's public key as \"<type> <base64>\", e.g. \"ssh-ed25519 AAAA...\"";
     let tokens: Vec<&str> = raw.split_whitespace().collect();
     let (declared_type, blob) = match tokens.as_slice() {
         [blob] => (None, *blob),

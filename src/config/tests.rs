@@ -140,8 +140,11 @@ fn current_name_wins_over_legacy_with_a_notice() {
     ]);
     assert_eq!(d.addons.len(), 1);
     assert_eq!(d.addons[0].ssh.host, "ssh.example.com");
-    assert!(d.problems.iter().any(|p| p.severity == Severity::Notice
-        && p.var == "DATABASE_SSH_TUNNEL_BPG_CONNECTION_INFO"));
+    assert!(d
+        .problems
+        .iter()
+        .any(|p| p.severity == Severity::Notice
+            && p.var == "DATABASE_SSH_TUNNEL_BPG_CONNECTION_INFO"));
 }
 
 #[test]
@@ -156,8 +159,10 @@ fn duplicate_attachment_is_served_once() {
     assert_eq!(d.addons.len(), 1);
     assert_eq!(d.addons[0].name, "DATABASE");
     assert!(errors(&d).is_empty());
-    assert!(d.problems.iter().any(|p| p.var == "BOREALIS_PG_RED_URL"
-        && p.message.contains("served once")));
+    assert!(d
+        .problems
+        .iter()
+        .any(|p| p.var == "BOREALIS_PG_RED_URL" && p.message.contains("served once")));
 }
 
 #[test]
@@ -165,12 +170,18 @@ fn dedupe_is_exact_not_by_substring() {
     // The old script skipped `/db` after seeing `/db2` because it matched substrings.
     let d = env(&[
         ("A_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
-        ("A_URL", "postgres://u:p@pg-tunnel.borealis-data.com:5432/db2".into()),
+        (
+            "A_URL",
+            "postgres://u:p@pg-tunnel.borealis-data.com:5432/db2".into(),
+        ),
         (
             "B_TUNNEL_BPG_CONN_INFO",
             conn_info(&[("POSTGRES_WRITER_HOST", "other.internal")]),
         ),
-        ("B_URL", "postgres://u:p@pg-tunnel.borealis-data.com:54320/db".into()),
+        (
+            "B_URL",
+            "postgres://u:p@pg-tunnel.borealis-data.com:54320/db".into(),
+        ),
     ]);
     assert_eq!(d.addons.len(), 2);
 }
@@ -203,7 +214,8 @@ fn writer_and_reader_on_the_same_port_is_an_error_but_the_writer_runs() {
     assert_eq!(d.addons[0].forwards.len(), 1);
     let errors = errors(&d);
     assert_eq!(errors.len(), 1);
-    assert!(errors[0].starts_with("DATABASE_READONLY_URL: names the same local port 5432 as DATABASE_URL"));
+    assert!(errors[0]
+        .starts_with("DATABASE_READONLY_URL: names the same local port 5432 as DATABASE_URL"));
 }
 
 #[test]
@@ -260,7 +272,10 @@ fn missing_url_and_bad_url_are_named() {
     );
     let d = env(&[
         ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
-        ("DATABASE_URL", "postgres://u:hunter2@pg-tunnel.borealis-data.com:port/db".into()),
+        (
+            "DATABASE_URL",
+            "postgres://u:hunter2@pg-tunnel.borealis-data.com:port/db".into(),
+        ),
     ]);
     let errors = errors(&d);
     assert_eq!(
@@ -273,7 +288,10 @@ fn missing_url_and_bad_url_are_named() {
 fn private_app_tunnel_mode_is_reported_and_skipped() {
     let d = env(&[
         ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
-        ("DATABASE_URL", "postgres://u:p@db.internal.example:5432/db".into()),
+        (
+            "DATABASE_URL",
+            "postgres://u:p@db.internal.example:5432/db".into(),
+        ),
     ]);
     assert!(d.addons.is_empty());
     assert!(errors(&d)[0].contains("private-app-tunnel mode"));
@@ -298,7 +316,10 @@ fn ipv6_loopback_url_listens_on_ipv6() {
         ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
         ("DATABASE_URL", "postgres://u:p@[::1]:5432/db".into()),
     ]);
-    assert_eq!(d.addons[0].forwards[0].listen, "[::1]:5432".parse().unwrap());
+    assert_eq!(
+        d.addons[0].forwards[0].listen,
+        "[::1]:5432".parse().unwrap()
+    );
 }
 
 #[test]

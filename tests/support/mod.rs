@@ -114,7 +114,9 @@ fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
 }
 
 fn run(command: &mut Command) {
-    let output = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
     assert!(
         output.status.success(),
         "{command:?} failed: {}{}",
@@ -149,7 +151,15 @@ fn template_cluster(tools: &Tools) -> &'static Path {
         initdb
             .arg("-D")
             .arg(dir.join("data"))
-            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()));
         as_postgres(&mut initdb);
         run(&mut initdb);
@@ -184,7 +194,10 @@ fn give_to_postgres(path: &Path) {
 impl Postgres {
     pub fn start(tools: &Tools) -> Postgres {
         let template = template_cluster(tools);
-        let dir = tempfile::Builder::new().prefix("bpg-pg-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("bpg-pg-")
+            .tempdir()
+            .unwrap();
         give_to_postgres(dir.path());
         let data = dir.path().join("data");
         let mut copy = Command::new("cp");
@@ -199,7 +212,14 @@ impl Postgres {
             .args(["-c", "listen_addresses=127.0.0.1,127.0.0.2"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", dir.path().display()))
-            .args(["-c", "fsync=off", "-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "shared_buffers=32MB",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::File::create(dir.path().join("postgres.log")).unwrap(),
@@ -213,7 +233,10 @@ impl Postgres {
             child,
         };
         assert!(
-            wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(20)),
+            wait_for_port(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(20)
+            ),
             "postgres did not start: {}",
             std::fs::read_to_string(pg._dir.path().join("postgres.log")).unwrap_or_default()
         );
@@ -341,7 +364,10 @@ fn ssh_login_user() -> String {
                 .status()
                 .expect("useradd");
             // 9: created meanwhile by a parallel test binary.
-            assert!(status.success() || status.code() == Some(9), "useradd failed");
+            assert!(
+                status.success() || status.code() == Some(9),
+                "useradd failed"
+            );
         }
         // useradd leaves the password "!", which sshd without PAM treats as a locked account;
         // "*" means "no password" without locking public-key logins.
@@ -357,7 +383,10 @@ fn ssh_login_user() -> String {
 
 impl Sshd {
     pub fn start(tools: &Tools, pg_port: u16) -> Sshd {
-        let dir = tempfile::Builder::new().prefix("bpg-sshd-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("bpg-sshd-")
+            .tempdir()
+            .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let host_key = keygen(tools, dir.path(), "host_ed25519", &["-t", "ed25519"]);
         std::fs::write(dir.path().join("authorized_keys"), "").unwrap();
@@ -453,7 +482,10 @@ LogLevel VERBOSE
         let child = command.spawn().expect("start sshd");
         self.child = Some(child);
         assert!(
-            wait_for_port(SocketAddr::from(([127, 0, 0, 1], self.port)), Duration::from_secs(10)),
+            wait_for_port(
+                SocketAddr::from(([127, 0, 0, 1], self.port)),
+                Duration::from_secs(10)
+            ),
             "sshd did not start: {}",
             self.log()
         );
@@ -469,7 +501,9 @@ LogLevel VERBOSE
 
     /// The per-connection processes sshd forked (privileged monitor and network child).
     pub fn session_pids(&self) -> Vec<i32> {
-        self.pid().map(|pid| descendants(pid as i32)).unwrap_or_default()
+        self.pid()
+            .map(|pid| descendants(pid as i32))
+            .unwrap_or_default()
     }
 
     pub fn signal_sessions(&self, signal: i32) -> usize {
@@ -516,7 +550,11 @@ pub fn descendants(root: i32) -> Vec<i32> {
         let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
             continue;
         };
-        let ppid: i32 = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let ppid: i32 = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         parents.entry(ppid).or_default().push(pid);
     }
     let mut found = Vec::new();
@@ -597,7 +635,10 @@ impl Lab {
             ("SSH_HOST", "127.0.0.1".to_owned()),
             ("SSH_PORT", self.sshd.port.to_string()),
             ("SSH_USERNAME", self.sshd.user.clone()),
-            ("SSH_USER_PRIVATE_KEY", self.client_key.private.replace('\n', "\\n")),
+            (
+                "SSH_USER_PRIVATE_KEY",
+                self.client_key.private.replace('\n', "\\n"),
+            ),
             ("SSH_PUBLIC_HOST_KEY", self.sshd.host_key.public.clone()),
             ("POSTGRES_WRITER_HOST", "127.0.0.1".to_owned()),
             ("POSTGRES_READER_HOST", "127.0.0.2".to_owned()),
@@ -613,7 +654,9 @@ impl Lab {
         vars.insert(format!("{prefix}_TUNNEL_BPG_CONN_INFO"), conn_info);
         vars.insert(
             format!("{prefix}_URL"),
-            format!("postgres://postgres:{password}@pg-tunnel.borealis-data.com:{writer_port}/postgres"),
+            format!(
+                "postgres://postgres:{password}@pg-tunnel.borealis-data.com:{writer_port}/postgres"
+            ),
         );
         vars.insert(
             format!("{prefix}_READONLY_URL"),
@@ -646,7 +689,8 @@ pub fn percent_encode(raw: &str) -> String {
 pub fn tunnel_binary() -> PathBuf {
     std::env::var_os("BPG_TUNNEL_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bpg-tunnel")))
+        .or_else(|| option_env!("CARGO_BIN_EXE_bpg-tunnel").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("target/debug/bpg-tunnel"))
 }
 
 #[derive(Default)]
@@ -662,7 +706,10 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// Starts `bpg-tunnel` with a clean environment holding only `vars` (and PATH).
-    pub fn spawn<'a>(vars: impl IntoIterator<Item = (&'a String, &'a String)>, args: &[&str]) -> Tunnel {
+    pub fn spawn<'a>(
+        vars: impl IntoIterator<Item = (&'a String, &'a String)>,
+        args: &[&str],
+    ) -> Tunnel {
         let mut command = Command::new(tunnel_binary());
         command
             .args(args)
@@ -722,7 +769,12 @@ impl Tunnel {
                     lines.join("\n")
                 );
             }
-            lines = self.output.changed.wait_timeout(lines, deadline - now).unwrap().0;
+            lines = self
+                .output
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
         }
     }
 
