@@ -304,3 +304,26 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .find_map(|pair| pair.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forward_the_server_refuses_fails_fast_and_the_other_still_works() {
+    let Some(lab) = support::lab() else { return };
+    let mut db = lab.attachment("DATABASE");
+    // Outside the server's PermitOpen, as a mistyped writer host would be.
+    db.set_conn_info("POSTGRES_WRITER_HOST", "127.0.0.3");
+    let tunnel = spawn(&db.vars, &[]);
+    tunnel.wait_for(&["event=ssh-connected"], START);
+    let started = Instant::now();
+    assert!(server_addr(db.writer_port).await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the refusal should not wait"
+    );
+    let line = tunnel.wait_for(&["event=channel-refused"], START);
+    assert!(line.contains("127.0.0.3"), "{line}");
+    assert_eq!(
+        server_addr(db.reader_port.unwrap()).await.unwrap(),
+        "127.0.0.2"
+    );
+    assert_eq!(tunnel.count("event=ssh-connected"), 1);
+}
