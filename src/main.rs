@@ -1,33 +1,72 @@
+use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-use bpg_tunnel::{lifecycle, logfmt, options::Options};
+use bpg_tunnel::lifecycle::{self, daemon, run};
+use bpg_tunnel::{logfmt, options::Options};
 
 /// Keeps Borealis Isolated Postgres reachable on 127.0.0.1 through the add-on's SSH server.
 ///
 /// Reads every *_TUNNEL_BPG_CONN_INFO (and legacy *_SSH_TUNNEL_BPG_CONNECTION_INFO) variable
 /// with its *_URL / *_READONLY_URL, listens where those URLs point, and forwards each
-/// connection to the database over a supervised SSH session.
+/// connection to the database over a supervised SSH session. Without a subcommand it serves in
+/// the foreground until SIGTERM or SIGINT.
 #[derive(Debug, Parser)]
 #[command(name = "bpg-tunnel", version, about, long_about)]
 struct Cli {
     #[command(flatten)]
     options: Options,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the tunnels as a detached daemon and return once they are ready (profile.d, exec.d).
+    Start {
+        /// The process whose exit means the app is gone (`$$` in a profile.d script).
+        #[arg(long)]
+        owner_pid: i32,
+    },
+    /// Start the tunnels, run CMD, keep the tunnels until it exits, and exit with its status.
+    Run {
+        /// Do not pass the *_TUNNEL_BPG_CONN_INFO secrets on to CMD.
+        #[arg(long)]
+        scrub_env: bool,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
+    },
+    /// Stop the daemon that `start` left running.
+    Stop,
+    #[command(name = "__daemon", hide = true)]
+    Daemon {
+        #[arg(long)]
+        owner_pid: i32,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logfmt::init(&cli.options.log_filter());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
+    let options = cli.options;
+    match cli.command {
+        Some(Command::Start { owner_pid }) => daemon::start(&options, owner_pid),
+        Some(Command::Stop) => daemon::stop(&options),
+        Some(Command::Daemon { owner_pid }) => daemon::daemon(&options, owner_pid),
+        Some(Command::Run { scrub_env, command }) => {
+            with_runtime(|| run::run(options, command, scrub_env))
+        }
+        None => with_runtime(|| lifecycle::run_foreground(options)),
+    }
+}
+
+fn with_runtime<F: std::future::Future<Output = ExitCode>>(future: impl FnOnce() -> F) -> ExitCode {
+    match lifecycle::runtime() {
+        Ok(runtime) => runtime.block_on(future()),
         Err(error) => {
             eprintln!("bpg-tunnel: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    runtime.block_on(lifecycle::run_foreground(cli.options))
+    }
 }

@@ -31,6 +31,23 @@ pub struct Options {
     #[arg(long, env = "BPG_TUNNEL_AUTH_FAILURE_DELAY", default_value = "30s", value_parser = parse_duration)]
     pub auth_failure_delay: Duration,
 
+    /// `start` and `run` return (or start the app) once every tunnel is up, or after this long.
+    #[arg(long, env = "BPG_TUNNEL_READY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+
+    /// After SIGTERM, keep serving while the app drains, but leave after this long at most
+    /// (Heroku sends SIGKILL 30 s after SIGTERM).
+    #[arg(long, env = "BPG_TUNNEL_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Once the app is gone (or on a plain stop), how long open connections get to finish.
+    #[arg(long, env = "BPG_TUNNEL_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub owner_grace: Duration,
+
+    /// Where the daemon keeps its pid file; default `$XDG_RUNTIME_DIR`, else `$HOME/.borealis-pg`.
+    #[arg(long, env = "BPG_TUNNEL_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+
     /// Log filter in RUST_LOG syntax (`info`, `debug`, `bpg_tunnel=debug`); RUST_LOG is read
     /// when this is not set; the default is `info`.
     #[arg(long, env = "BPG_TUNNEL_LOG")]
@@ -38,6 +55,37 @@ pub struct Options {
 }
 
 impl Options {
+    /// These settings as `BPG_TUNNEL_*` variables, so a re-executed daemon gets the values the
+    /// caller gave as flags.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        let mut env = vec![
+            ("BPG_TUNNEL_CONNECT_TIMEOUT", ms(self.connect_timeout)),
+            ("BPG_TUNNEL_KEEPALIVE_INTERVAL", ms(self.keepalive_interval)),
+            (
+                "BPG_TUNNEL_KEEPALIVE_COUNT",
+                self.keepalive_count.to_string(),
+            ),
+            (
+                "BPG_TUNNEL_CONNECTION_WAIT_TIMEOUT",
+                ms(self.connection_wait_timeout),
+            ),
+            (
+                "BPG_TUNNEL_RECONNECT_MAX_DELAY",
+                ms(self.reconnect_max_delay),
+            ),
+            ("BPG_TUNNEL_AUTH_FAILURE_DELAY", ms(self.auth_failure_delay)),
+            ("BPG_TUNNEL_READY_TIMEOUT", ms(self.ready_timeout)),
+            ("BPG_TUNNEL_DRAIN_TIMEOUT", ms(self.drain_timeout)),
+            ("BPG_TUNNEL_GRACE", ms(self.owner_grace)),
+            ("BPG_TUNNEL_LOG", self.log_filter()),
+        ];
+        if let Some(dir) = &self.state_dir {
+            env.push(("BPG_TUNNEL_STATE_DIR", dir.display().to_string()));
+        }
+        env
+    }
+
     pub fn log_filter(&self) -> String {
         self.log
             .clone()

@@ -48,6 +48,10 @@ impl Supervisor {
         }
     }
 
+    pub fn addon_name(&self) -> &str {
+        &self.addon.name
+    }
+
     /// Where the forwarder finds the current session.
     pub fn sessions(&self) -> SessionSlot {
         self.current.subscribe()

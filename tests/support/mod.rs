@@ -711,10 +711,32 @@ impl Tunnel {
         args: &[&str],
     ) -> Tunnel {
         let mut command = Command::new(tunnel_binary());
+        command.args(args);
+        Tunnel::spawn_command(command, vars)
+    }
+
+    /// Runs `script` with bash as a dyno would (profile.d style), with bpg-tunnel on PATH, in a
+    /// process group of its own so the test can signal "every process" of the app.
+    pub fn bash<'a>(
+        vars: impl IntoIterator<Item = (&'a String, &'a String)>,
+        script: &str,
+    ) -> Tunnel {
+        let mut command = Command::new("bash");
+        command.arg("-c").arg(script).process_group(0);
+        Tunnel::spawn_command(command, vars)
+    }
+
+    fn spawn_command<'a>(
+        mut command: Command,
+        vars: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Tunnel {
+        let bin_dir = tunnel_binary().parent().unwrap().to_owned();
+        let mut path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .collect::<Vec<_>>();
+        path.insert(0, bin_dir);
         command
-            .args(args)
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("PATH", std::env::join_paths(path).unwrap())
             .env("BPG_TUNNEL_LOG", "debug")
             .envs(vars)
             .stdin(Stdio::null())
@@ -801,6 +823,8 @@ impl Tunnel {
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
+        // The whole group: a bash "dyno" and everything it started.
+        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -821,6 +845,19 @@ pub async fn connect(port: u16) -> Result<tokio_postgres::Client, tokio_postgres
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     Ok(client)
+}
+
+/// A libpq URL usable in the lab (which has no DNS for the add-on's host name).
+pub fn psql_url(url: &str) -> String {
+    format!("{url}?hostaddr=127.0.0.1")
+}
+
+pub fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// Connects and returns the address PostgreSQL saw the connection arrive on (127.0.0.1 for the

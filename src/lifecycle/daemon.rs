@@ -1,0 +1,403 @@
+//! `bpg-tunnel start`: the detached daemon of the profile.d and exec.d launch forms, its pid
+//! file, and `bpg-tunnel stop`.
+//!
+//! `start` re-executes this binary as a daemon in its own session (so a one-off dyno's terminal
+//! does not signal it), with stdin on /dev/null, stdout/stderr kept for the dyno's log stream,
+//! and no other inherited descriptor: a CNB launcher waits for exec.d's fd 3 to close. The
+//! daemon reports readiness through a pipe; `start` returns once it has, or at the ready
+//! timeout, so the app boots in either case.
+//!
+//! The pid file is locked with `flock` for the daemon's whole life: the kernel drops the lock
+//! when the process dies, so a stale file left by a killed daemon is recognised as such, and PID
+//! reuse cannot fool it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, warn};
+
+use super::owner::Owner;
+use super::{bind_and_start, discover_from_env, Running, Signals};
+use crate::options::Options;
+
+/// The descriptor the daemon reports readiness on.
+const READY_FD: i32 = 3;
+
+/// `bpg-tunnel start --owner-pid PID`. Always succeeds: a tunnel problem is logged, never
+/// allowed to stop the app from booting.
+pub fn start(options: &Options, owner_pid: i32) -> ExitCode {
+    let discovery = discover_from_env();
+    if discovery.addons.is_empty() && discovery.problems.is_empty() {
+        // No add-on attached: nothing to do, and nothing to say on a one-off dyno's terminal.
+        return ExitCode::SUCCESS;
+    }
+    let path = pid_path(options);
+    if let Some(pid) = running_daemon(&path) {
+        info!(event = "already-running", pid, pidfile = %path.display());
+        return ExitCode::SUCCESS;
+    }
+    let started = Instant::now();
+    let report = match spawn_daemon(options, owner_pid) {
+        Ok(read) => wait_for_report(read, options.ready_timeout + Duration::from_secs(2)),
+        Err(spawn_error) => {
+            error!(event = "daemon-failed", error = %spawn_error, "could not start the tunnel daemon; the app starts without it");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let ms = started.elapsed().as_millis() as u64;
+    match report.as_deref().map(str::trim) {
+        Some("ready") => debug!(event = "start-returned", ms, "every tunnel is up"),
+        Some("already-running") => info!(event = "already-running", pidfile = %path.display()),
+        Some(other) if other.starts_with("not-ready") => warn!(
+            event = "start-returned",
+            ms,
+            not_ready = other.trim_start_matches("not-ready").trim(),
+            "some tunnels are not up yet; their connections wait for them"
+        ),
+        Some("failed") => {
+            error!(
+                event = "start-returned",
+                ms, "no tunnel could be started; see the errors above"
+            )
+        }
+        _ => warn!(
+            event = "start-returned",
+            ms, "the tunnel daemon did not report readiness in time; connections wait for it"
+        ),
+    }
+    ExitCode::SUCCESS
+}
+
+fn spawn_daemon(options: &Options, owner_pid: i32) -> std::io::Result<File> {
+    let (read, write) = pipe()?;
+    let write_fd = write.as_raw_fd();
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let mut command = Command::new(exe);
+    command
+        .arg("__daemon")
+        .arg("--owner-pid")
+        .arg(owner_pid.to_string())
+        .envs(options.to_env())
+        .stdin(Stdio::null());
+    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl, close_range/close) run between
+    // fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setsid();
+            if write_fd == READY_FD {
+                libc::fcntl(READY_FD, libc::F_SETFD, 0);
+            } else if libc::dup2(write_fd, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            close_from(READY_FD + 1);
+            Ok(())
+        });
+    }
+    command.spawn()?;
+    drop(write);
+    Ok(File::from(read))
+}
+
+/// Closes every descriptor from `first` up, so nothing the launcher left open (exec.d's fd 3
+/// above all) is held by the daemon.
+fn close_from(first: i32) {
+    // SAFETY: close_range only closes descriptors; the fallback closes them one by one.
+    let done = unsafe { libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0) } == 0;
+    if !done {
+        for fd in first..1024 {
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills `fds` with two new descriptors on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Reads the daemon's one-line report, or `None` at `timeout` or if it died without one.
+fn wait_for_report(mut read: File, timeout: Duration) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    let mut report = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let mut poll = libc::pollfd {
+            fd: read.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready =
+            unsafe { libc::poll(&mut poll, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return None;
+        }
+        if ready == 0 {
+            return None;
+        }
+        let mut buf = [0u8; 512];
+        match read.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                report.extend_from_slice(&buf[..n]);
+                if report.contains(&b'\n') {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    (!report.is_empty()).then(|| String::from_utf8_lossy(&report).into_owned())
+}
+
+/// The hidden `__daemon` entry: what `start` re-executes.
+pub fn daemon(options: &Options, owner_pid: i32) -> ExitCode {
+    // SAFETY: `start` put the write end of the report pipe on this descriptor.
+    let mut ready = Some(unsafe { File::from_raw_fd(READY_FD) });
+    let mut say = |line: &str| {
+        if let Some(mut pipe) = ready.take() {
+            let _ = writeln!(pipe, "{line}");
+        }
+    };
+    let path = pid_path(options);
+    let pidfile = match PidFile::acquire(&path) {
+        Ok(Some(pidfile)) => Some(pidfile),
+        Ok(None) => {
+            say("already-running");
+            return ExitCode::SUCCESS;
+        }
+        Err(pidfile_error) => {
+            // Serving matters more than being findable by `stop`.
+            warn!(event = "pidfile-failed", pidfile = %path.display(), error = %pidfile_error);
+            None
+        }
+    };
+    let runtime = match super::runtime() {
+        Ok(runtime) => runtime,
+        Err(runtime_error) => {
+            error!(event = "daemon-failed", error = %runtime_error);
+            say("failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async {
+        let owner = Owner::watch(owner_pid);
+        let mut signals = match Signals::new() {
+            Ok(signals) => signals,
+            Err(signal_error) => {
+                error!(event = "signal-setup-failed", error = %signal_error);
+                say("failed");
+                return ExitCode::FAILURE;
+            }
+        };
+        let Some(running) = bind_and_start(options).await else {
+            say("failed");
+            return ExitCode::FAILURE;
+        };
+        let not_ready = running.wait_ready(options.ready_timeout).await;
+        if not_ready.is_empty() {
+            say("ready");
+            info!(event = "ready", owner = owner_pid);
+        } else {
+            say(&format!("not-ready {}", not_ready.join(",")));
+            warn!(event = "not-ready", addons = %not_ready.join(","), owner = owner_pid);
+        }
+        serve_for_owner(running, &owner, &mut signals, options).await
+    });
+    drop(pidfile);
+    code
+}
+
+/// Serves while the owner lives. On SIGTERM keeps serving (the app is draining too) until the
+/// owner exits or the drain timeout; repeated SIGTERMs change nothing; SIGINT during the drain
+/// or a second SIGINT exits at once; SIGHUP (`bpg-tunnel stop`) stops after the grace.
+pub async fn serve_for_owner(
+    running: Running,
+    owner: &Owner,
+    signals: &mut Signals,
+    options: &Options,
+) -> ExitCode {
+    let grace = options.owner_grace;
+    let first = tokio::select! {
+        () = owner.exited() => {
+            info!(event = "owner-exited", owner = owner.pid(), open_connections = running.open_connections());
+            running.shutdown(grace).await;
+            info!(event = "stopped");
+            return ExitCode::SUCCESS;
+        }
+        name = signals.next_stop() => name,
+    };
+    if first == "SIGHUP" {
+        info!(event = "signal", signal = first, "stopping");
+        running.shutdown(grace).await;
+        info!(event = "stopped");
+        return ExitCode::SUCCESS;
+    }
+    info!(
+        event = "drain-started",
+        signal = first,
+        open_connections = running.open_connections(),
+        deadline_ms = options.drain_timeout.as_millis() as u64,
+        "serving until the app exits"
+    );
+    let deadline = tokio::time::sleep(options.drain_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = owner.exited() => {
+                info!(event = "owner-exited", owner = owner.pid(), open_connections = running.open_connections());
+                running.shutdown(grace).await;
+                break;
+            }
+            () = &mut deadline => {
+                warn!(event = "drain-deadline", open_connections = running.open_connections(), "the app is still running; leaving before the platform's SIGKILL");
+                running.shutdown(Duration::ZERO).await;
+                break;
+            }
+            name = signals.next() => match name {
+                "SIGTERM" => debug!(event = "signal-ignored", signal = name),
+                "SIGINT" => {
+                    warn!(event = "signal", signal = name, "interrupted while draining; exiting at once");
+                    return ExitCode::from(130);
+                }
+                _ => {
+                    running.shutdown(grace).await;
+                    break;
+                }
+            },
+        }
+    }
+    info!(event = "stopped");
+    ExitCode::SUCCESS
+}
+
+/// `bpg-tunnel stop`: asks a running daemon to stop and waits for it.
+pub fn stop(options: &Options) -> ExitCode {
+    let path = pid_path(options);
+    let Some(pid) = running_daemon(&path) else {
+        info!(event = "not-running", pidfile = %path.display());
+        return ExitCode::SUCCESS;
+    };
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = Instant::now() + options.owner_grace + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if running_daemon(&path).is_none() {
+            info!(event = "stopped", pid);
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    error!(
+        event = "stop-failed",
+        pid, "the daemon did not stop in time"
+    );
+    ExitCode::FAILURE
+}
+
+pub fn pid_path(options: &Options) -> PathBuf {
+    let dir = options
+        .state_dir
+        .clone()
+        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".borealis-pg")))
+        .unwrap_or_else(|| std::env::temp_dir().join("borealis-pg"));
+    dir.join("bpg-tunnel.pid")
+}
+
+/// The pid of the daemon holding `path`'s lock, if one is alive.
+pub fn running_daemon(path: &Path) -> Option<i32> {
+    let mut file = File::open(path).ok()?;
+    // SAFETY: flock on a descriptor we own.
+    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    if free {
+        // Stale: whoever wrote it is gone (the kernel released its lock).
+        return None;
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok().or(Some(0))
+}
+
+/// The daemon's locked pid file; removed when dropped.
+pub struct PidFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl PidFile {
+    /// `Ok(None)` when another live daemon holds it.
+    pub fn acquire(path: &Path) -> std::io::Result<Option<PidFile>> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            return if error.kind() == std::io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(error)
+            };
+        }
+        file.set_len(0)?;
+        (&file).write_all(format!("{}\n", std::process::id()).as_bytes())?;
+        Ok(Some(PidFile {
+            file,
+            path: path.to_owned(),
+        }))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        // Removed while still locked, so no newcomer can lock the old file and lose it to us.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_file_is_exclusive_and_a_stale_one_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("bpg-tunnel.pid");
+        assert_eq!(running_daemon(&path), None);
+        let held = PidFile::acquire(&path).unwrap().unwrap();
+        assert_eq!(running_daemon(&path), Some(std::process::id() as i32));
+        assert!(PidFile::acquire(&path).unwrap().is_none());
+        drop(held);
+        assert!(!path.exists());
+
+        // A file left by a killed daemon: present, unlocked.
+        std::fs::write(&path, "999999\n").unwrap();
+        assert_eq!(running_daemon(&path), None);
+        assert!(PidFile::acquire(&path).unwrap().is_some());
+    }
+}

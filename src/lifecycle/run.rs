@@ -1,0 +1,211 @@
+//! `bpg-tunnel run [--] CMD [ARGS...]`: the tunnels around a child, for a Docker ENTRYPOINT
+//! prefix or a Procfile wrapper.
+//!
+//! As PID 1 in a container this process must do what init does: forward signals to the child,
+//! reap every zombie (orphans are re-parented to it), and exit with the child's status. The
+//! child is reaped with `waitpid(-1)` on SIGCHLD, which also collects the orphans.
+
+use std::ffi::OsString;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use crate::options::Options;
+
+const FORWARDED: [(SignalKind, i32, &str); 6] = [
+    (SignalKind::terminate(), libc::SIGTERM, "SIGTERM"),
+    (SignalKind::interrupt(), libc::SIGINT, "SIGINT"),
+    (SignalKind::hangup(), libc::SIGHUP, "SIGHUP"),
+    (SignalKind::quit(), libc::SIGQUIT, "SIGQUIT"),
+    (SignalKind::user_defined1(), libc::SIGUSR1, "SIGUSR1"),
+    (SignalKind::user_defined2(), libc::SIGUSR2, "SIGUSR2"),
+];
+
+pub async fn run(options: Options, command: Vec<OsString>, scrub_env: bool) -> ExitCode {
+    // Subscribed before anything else so no signal or child exit is lost.
+    let mut streams = Vec::new();
+    for (kind, number, name) in FORWARDED {
+        match signal(kind) {
+            Ok(stream) => streams.push((stream, number, name)),
+            Err(signal_error) => {
+                warn!(event = "signal-setup-failed", signal = name, error = %signal_error)
+            }
+        }
+    }
+    let mut children = match signal(SignalKind::child()) {
+        Ok(stream) => stream,
+        Err(signal_error) => {
+            error!(event = "signal-setup-failed", signal = "SIGCHLD", error = %signal_error);
+            return ExitCode::FAILURE;
+        }
+    };
+
+    // A broken tunnel config must not keep the app from starting: run it regardless.
+    let running = super::bind_and_start(&options).await;
+    if let Some(running) = &running {
+        let started = Instant::now();
+        let not_ready = running.wait_ready(options.ready_timeout).await;
+        if not_ready.is_empty() {
+            info!(event = "ready", ms = started.elapsed().as_millis() as u64);
+        } else {
+            warn!(event = "not-ready", addons = %not_ready.join(","), "starting the command anyway; its connections wait");
+        }
+    }
+
+    let child = match build_command(&command, scrub_env).spawn() {
+        Ok(child) => child,
+        Err(spawn_error) => {
+            error!(event = "command-failed", command = %command_line(&command), error = %spawn_error);
+            if let Some(running) = running {
+                running.shutdown(options.owner_grace).await;
+            }
+            return ExitCode::from(if spawn_error.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
+    let pid = child.id() as i32;
+    info!(event = "command-started", pid);
+
+    let status = 'wait: loop {
+        // A signal's arrival, by index into `streams`, or a child event.
+        let event = {
+            let waits = streams
+                .iter_mut()
+                .enumerate()
+                .map(|(index, (stream, _, _))| {
+                    Box::pin(async move {
+                        stream.recv().await;
+                        index
+                    })
+                });
+            let any_signal = futures_select_all(waits);
+            tokio::select! {
+                index = any_signal => Some(index),
+                _ = children.recv() => None,
+            }
+        };
+        match event {
+            Some(index) => {
+                let (_, number, name) = streams[index];
+                // SAFETY: plain kill(2) to our own child.
+                unsafe { libc::kill(pid, number) };
+                info!(event = "signal-forwarded", signal = name, pid);
+            }
+            None => {
+                for (reaped, status) in reap() {
+                    if reaped == pid {
+                        break 'wait status;
+                    }
+                }
+            }
+        }
+    };
+    let code = exit_code(status);
+    info!(event = "command-exited", pid, status = code);
+    if let Some(running) = running {
+        running.shutdown(options.owner_grace).await;
+    }
+    info!(event = "stopped");
+    ExitCode::from(code)
+}
+
+/// Waits on whichever future finishes first (a small `select_all`, to avoid a dependency).
+async fn futures_select_all<F>(futures: impl Iterator<Item = std::pin::Pin<Box<F>>>) -> usize
+where
+    F: std::future::Future<Output = usize>,
+{
+    let mut futures: Vec<_> = futures.collect();
+    std::future::poll_fn(move |cx| {
+        for future in &mut futures {
+            if let std::task::Poll::Ready(index) = future.as_mut().poll(cx) {
+                return std::task::Poll::Ready(index);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Collects every exited child: ours and any orphan handed to us as PID 1.
+fn reap() -> Vec<(i32, i32)> {
+    let mut reaped = Vec::new();
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with WNOHANG never blocks.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return reaped;
+        }
+        reaped.push((pid, status));
+    }
+}
+
+fn exit_code(status: i32) -> u8 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status) as u8
+    } else if libc::WIFSIGNALED(status) {
+        128u8.saturating_add(libc::WTERMSIG(status) as u8)
+    } else {
+        1
+    }
+}
+
+/// Heroku passes a string CMD as one argument: run that through the shell, as it would.
+fn build_command(command: &[OsString], scrub_env: bool) -> Command {
+    let mut built = match command {
+        [single] if single.to_string_lossy().contains(char::is_whitespace) => {
+            let mut sh = Command::new("/bin/sh");
+            sh.arg("-c").arg(single);
+            sh
+        }
+        [program, args @ ..] => {
+            let mut direct = Command::new(program);
+            direct.args(args);
+            direct
+        }
+        [] => unreachable!("clap requires a command"),
+    };
+    if scrub_env {
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.ends_with("_TUNNEL_BPG_CONN_INFO")
+                || name.ends_with("_SSH_TUNNEL_BPG_CONNECTION_INFO")
+            {
+                built.env_remove(name.as_ref());
+            }
+        }
+    }
+    built
+}
+
+fn command_line(command: &[OsString]) -> String {
+    command
+        .iter()
+        .map(|part| part.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        assert_eq!(exit_code(3 << 8), 3);
+        assert_eq!(exit_code(libc::SIGTERM), 128 + 15);
+    }
+
+    #[test]
+    fn a_single_argument_with_spaces_runs_through_the_shell() {
+        let command = build_command(&["echo hi there".into()], false);
+        assert_eq!(command.get_program(), "/bin/sh");
+        let command = build_command(&["gunicorn".into(), "app:app".into()], false);
+        assert_eq!(command.get_program(), "gunicorn");
+    }
+}

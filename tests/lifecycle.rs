@@ -1,0 +1,265 @@
+//! The dyno lifecycle, simulated with real processes: a bash "dyno" that starts the daemon the
+//! way a profile.d script does and then runs the app, Heroku's SIGTERM to every process, and
+//! `run --` as PID 1 of a fresh PID namespace.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use support::{process_alive, psql_url, Tunnel};
+
+const T: Duration = Duration::from_secs(30);
+
+/// The add-on's vars plus a private state dir, so parallel tests' daemons never meet.
+fn dyno_vars(lab: &support::Lab, state: &tempfile::TempDir) -> (BTreeMap<String, String>, String) {
+    let db = lab.attachment("DATABASE");
+    let mut vars = db.vars.clone();
+    vars.insert(
+        "BPG_TUNNEL_STATE_DIR".into(),
+        state.path().display().to_string(),
+    );
+    vars.insert("BPG_TUNNEL_LOG".into(), "info".into());
+    vars.insert("APP_URL".into(), psql_url(&db.vars["DATABASE_URL"]));
+    (vars, db.vars["DATABASE_URL"].clone())
+}
+
+fn daemon_pid(state: &tempfile::TempDir) -> Option<i32> {
+    std::fs::read_to_string(state.path().join("bpg-tunnel.pid"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+fn wait_gone(pid: i32, timeout: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if !process_alive(pid) {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn boot_the_apps_first_query_succeeds_twenty_times_in_a_row() {
+    let Some(lab) = support::lab() else { return };
+    let mut waits = Vec::new();
+    for run in 0..20 {
+        let state = tempfile::tempdir().unwrap();
+        let (vars, _) = dyno_vars(&lab, &state);
+        // psql does not retry: a refused or failed first attempt fails the run.
+        let mut dyno = Tunnel::bash(
+            vars.iter(),
+            r#"bpg-tunnel start --owner-pid $$; s=$(date +%s%N); psql "$APP_URL" -XAtc "select 'first-query-ok'"; echo "wait_ms=$(( ($(date +%s%N) - s) / 1000000 ))"; exit 0"#,
+        );
+        let status = dyno.wait_exit(T).expect("the dyno finishes");
+        assert!(status.success());
+        let out = dyno.lines().join("\n");
+        assert!(out.contains("first-query-ok"), "run {run}:\n{out}");
+        waits.push(
+            out.lines()
+                .find_map(|l| l.strip_prefix("wait_ms="))
+                .unwrap_or("?")
+                .to_owned(),
+        );
+        let pid = daemon_pid(&state);
+        if let Some(pid) = pid {
+            assert!(
+                wait_gone(pid, Duration::from_secs(5)).is_some(),
+                "daemon outlived its one-off dyno"
+            );
+        }
+    }
+    eprintln!(
+        "first query after start returned, ms per run: {}",
+        waits.join(" ")
+    );
+}
+
+#[test]
+fn shutdown_in_flight_and_new_queries_succeed_while_the_app_drains() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (vars, _) = dyno_vars(&lab, &state);
+    // The app: ignores SIGTERM for itself and its children (as a draining server would), has
+    // one query in flight and opens a new connection after the SIGTERM.
+    let mut dyno = Tunnel::bash(
+        vars.iter(),
+        r#"trap '' TERM
+bpg-tunnel start --owner-pid $$
+echo app-booted
+psql "$APP_URL" -XAtc "select 'slow-ok', pg_sleep(3)" &
+sleep 2
+psql "$APP_URL" -XAtc "select 'new-after-sigterm-ok'"
+wait
+echo app-exiting"#,
+    );
+    dyno.wait_for(&["app-booted"], T);
+    let daemon = daemon_pid(&state).expect("daemon pid file");
+    std::thread::sleep(Duration::from_millis(800));
+    // Heroku signals every process in the dyno: the app's group and the daemon's session.
+    unsafe {
+        libc::kill(-dyno.pid(), libc::SIGTERM);
+        libc::kill(daemon, libc::SIGTERM);
+        libc::kill(daemon, libc::SIGTERM);
+    }
+    let status = dyno.wait_exit(T).expect("the app finishes draining");
+    let app_exited = Instant::now();
+    assert!(status.success());
+    let out = dyno.lines().join("\n");
+    assert!(out.contains("slow-ok"), "{out}");
+    assert!(out.contains("new-after-sigterm-ok"), "{out}");
+    assert!(out.contains("event=drain-started"), "{out}");
+    let gone = wait_gone(daemon, Duration::from_secs(3)).expect("daemon exits after the app");
+    eprintln!(
+        "daemon exited {:?} after the app",
+        app_exited.elapsed().max(gone)
+    );
+    assert!(app_exited.elapsed() < Duration::from_secs(1) + Duration::from_millis(200));
+}
+
+#[test]
+fn deadline_the_daemon_leaves_by_the_drain_timeout_if_the_app_ignores_sigterm() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (mut vars, _) = dyno_vars(&lab, &state);
+    vars.insert("BPG_TUNNEL_DRAIN_TIMEOUT".into(), "2s".into());
+    let dyno = Tunnel::bash(
+        vars.iter(),
+        "trap '' TERM; bpg-tunnel start --owner-pid $$; echo app-booted; sleep 60",
+    );
+    dyno.wait_for(&["app-booted"], T);
+    let daemon = daemon_pid(&state).unwrap();
+    let signalled = Instant::now();
+    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    wait_gone(daemon, Duration::from_secs(6)).expect("daemon leaves at the drain timeout");
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    dyno.wait_for(&["event=drain-deadline"], T);
+    assert!(
+        !state.path().join("bpg-tunnel.pid").exists(),
+        "pid file cleaned up"
+    );
+}
+
+#[test]
+fn one_off_owner_exits_without_a_signal_and_the_daemon_follows() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (mut vars, _) = dyno_vars(&lab, &state);
+    vars.insert("BPG_TUNNEL_GRACE".into(), "1s".into());
+    let mut dyno = Tunnel::bash(
+        vars.iter(),
+        r#"bpg-tunnel start --owner-pid $$; psql "$APP_URL" -XAtc "select 'migrated'""#,
+    );
+    dyno.wait_exit(T).unwrap();
+    let exited = Instant::now();
+    assert!(dyno.lines().iter().any(|l| l == "migrated"));
+    let daemon_gone = dyno.wait_for(&["event=stopped"], T);
+    assert!(!daemon_gone.is_empty());
+    assert!(exited.elapsed() < Duration::from_secs(2), "grace 1 s + 1 s");
+    // Nothing but errors on a one-off dyno's terminal: info lines only, no warnings or errors.
+    assert!(!dyno
+        .lines()
+        .iter()
+        .any(|l| l.contains("level=error") || l.contains("level=warn")));
+}
+
+#[test]
+fn start_is_idempotent_ignores_a_stale_pid_file_and_never_blocks_the_boot() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (vars, _) = dyno_vars(&lab, &state);
+    // Stale: left by a daemon killed with SIGKILL (its lock died with it).
+    std::fs::write(state.path().join("bpg-tunnel.pid"), "4000000\n").unwrap();
+    let dyno = Tunnel::bash(
+        vars.iter(),
+        r#"bpg-tunnel start --owner-pid $$; bpg-tunnel start --owner-pid $$; psql "$APP_URL" -XAtc "select 'ok'"; echo booted; sleep 30"#,
+    );
+    dyno.wait_for(&["booted"], T);
+    assert_eq!(dyno.count("event=already-running"), 1);
+    assert_eq!(dyno.count("event=ssh-connected"), 1);
+    assert!(dyno.lines().iter().any(|l| l == "ok"));
+    let daemon = daemon_pid(&state).unwrap();
+    assert_ne!(daemon, 4_000_000);
+    unsafe { libc::kill(daemon, libc::SIGHUP) };
+    wait_gone(daemon, Duration::from_secs(5)).unwrap();
+
+    // A broken config: start reports it, returns at once, and the shell goes on.
+    let mut broken = BTreeMap::new();
+    broken.insert(
+        "DATABASE_TUNNEL_BPG_CONN_INFO".to_string(),
+        "SSH_HOST:=".to_string(),
+    );
+    broken.insert(
+        "DATABASE_URL".to_string(),
+        "postgres://u:p@pg-tunnel.borealis-data.com:1/d".to_string(),
+    );
+    broken.insert(
+        "BPG_TUNNEL_STATE_DIR".to_string(),
+        state.path().display().to_string(),
+    );
+    let started = Instant::now();
+    let mut dyno = Tunnel::bash(
+        broken.iter(),
+        "bpg-tunnel start --owner-pid $$; echo shell-continues-$?",
+    );
+    dyno.wait_exit(T).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        dyno.lines().iter().any(|l| l == "shell-continues-0"),
+        "{:?}",
+        dyno.lines()
+    );
+    assert!(dyno.count("event=config-error") >= 1);
+}
+
+#[test]
+fn run_as_pid_1_forwards_sigterm_reaps_zombies_and_propagates_the_status() {
+    let Some(lab) = support::lab() else { return };
+    if !support::is_root() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true: this test needs root for unshare --pid");
+        }
+        eprintln!("SKIPPED: needs root for unshare --pid");
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let (vars, _) = dyno_vars(&lab, &state);
+    let app = r#"trap 'echo got-sigterm; wait $q; exit 3' TERM
+for i in 1 2 3 4 5; do (sleep 0.1 &) ; done
+psql "$APP_URL" -XAtc "select 'in-flight-ok', pg_sleep(2)" & q=$!
+sleep 1
+zombies=$(grep -l '^State:.Z' /proc/[0-9]*/status 2>/dev/null | wc -l)
+echo "pid1=$(cat /proc/1/comm) zombies=$zombies"
+echo app-ready
+while true; do sleep 0.1; done"#;
+    let script = format!(
+        "exec unshare --pid --fork --kill-child --mount-proc bpg-tunnel run -- bash -c {}",
+        shell_quote(app)
+    );
+    let mut dyno = Tunnel::bash(vars.iter(), &script);
+    dyno.wait_for(&["app-ready"], T);
+    let out = dyno.lines().join("\n");
+    assert!(out.contains("pid1=bpg-tunnel zombies=0"), "{out}");
+    // PID 1 of the namespace, seen from here: unshare's child.
+    let pid1 = support::descendants(dyno.pid())[0];
+    unsafe { libc::kill(pid1, libc::SIGTERM) };
+    let status = dyno.wait_exit(T).expect("run exits with its child");
+    let out = dyno.lines().join("\n");
+    assert!(out.contains("got-sigterm"), "{out}");
+    assert!(out.contains("in-flight-ok"), "{out}");
+    assert_eq!(status.code(), Some(3), "{out}");
+}
+
+fn shell_quote(raw: &str) -> String {
+    format!("'{}'", raw.replace('\'', r"'\''"))
+}
