@@ -127,9 +127,24 @@ impl Connection {
                     return;
                 }
             };
-            let channel = session
-                .open_direct_tcpip(&self.forward.remote_host, self.forward.remote_port, peer)
-                .await;
+            // Bounded: a blackholed database host makes sshd answer only when its own connect
+            // fails, minutes later.
+            let channel = match tokio::time::timeout_at(
+                deadline,
+                session.open_direct_tcpip(
+                    &self.forward.remote_host,
+                    self.forward.remote_port,
+                    peer,
+                ),
+            )
+            .await
+            {
+                Ok(channel) => channel,
+                Err(_) => {
+                    warn!(event = "connection-wait-expired", addon, %role, %peer, waited_ms = wait_timeout.as_millis() as u64, "the SSH server did not open the channel in time; closing the connection");
+                    return;
+                }
+            };
             drop(session);
             let mut channel = match channel {
                 Ok(channel) => channel,

@@ -47,6 +47,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    forbid_core_dumps();
     let cli = Cli::parse();
     logfmt::init(&cli.options.log_filter());
     let options = cli.options;
@@ -68,5 +69,19 @@ fn with_runtime<F: std::future::Future<Output = ExitCode>>(future: impl FnOnce()
             eprintln!("bpg-tunnel: cannot start the async runtime: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The private key, the JWT and the database passwords live in this process's memory and
+/// environment: never let a crash write them to a core file.
+fn forbid_core_dumps() {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit and prctl only change this process's own attributes.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0);
     }
 }

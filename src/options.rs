@@ -8,15 +8,16 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct Options {
     /// How long to wait for the SSH server to accept, complete the handshake and authenticate.
-    #[arg(long, env = "BPG_TUNNEL_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "BPG_TUNNEL_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub connect_timeout: Duration,
 
     /// After this long without hearing from the SSH server, ask it for a sign of life.
-    #[arg(long, env = "BPG_TUNNEL_KEEPALIVE_INTERVAL", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "BPG_TUNNEL_KEEPALIVE_INTERVAL", default_value = "3s", value_parser = parse_positive_duration)]
     pub keepalive_interval: Duration,
 
-    /// The session is declared dead after this many keepalive intervals without a reply.
-    #[arg(long, env = "BPG_TUNNEL_KEEPALIVE_COUNT", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    /// The session is declared dead after this many keepalive intervals without a reply (at
+    /// least 2, so that at least one keepalive is sent and given an interval to be answered).
+    #[arg(long, env = "BPG_TUNNEL_KEEPALIVE_COUNT", default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..100))]
     pub keepalive_count: u32,
 
     /// How long a new connection waits for the SSH session while it is down before being closed.
@@ -94,6 +95,20 @@ impl Options {
     }
 }
 
+/// Like [`parse_duration`], but zero is refused (a zero connect timeout or keepalive interval
+/// would keep every session from ever staying up).
+pub fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d < Duration::from_millis(100) => {
+            Err(format!("{raw:?} is too short; expected at least 100ms"))
+        }
+        d => Ok(d),
+    }
+}
+
+/// Longest duration accepted anywhere: keeps deadline arithmetic far from overflow.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// Accepts `250ms`, `3s`, `2m`, `1h`, or a bare number of seconds (`1.5`).
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
@@ -112,7 +127,9 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         other => return Err(format!("unknown unit {other:?}; expected ms, s, m or h")),
     };
     Duration::try_from_secs_f64(number * scale)
-        .map_err(|_| format!("{raw:?} is out of range; expected e.g. 500ms, 3s, 2m"))
+        .ok()
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| format!("{raw:?} is out of range; expected at most 24h, e.g. 500ms, 3s, 2m"))
 }
 
 #[cfg(test)]
@@ -128,5 +145,9 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("3 fortnights").is_err());
+        assert!(parse_duration("1e30").is_err());
+        assert!(parse_duration("25h").is_err());
+        assert!(parse_positive_duration("0").is_err());
+        assert_eq!(parse_positive_duration("1s"), Ok(Duration::from_secs(1)));
     }
 }
