@@ -56,10 +56,6 @@ impl Listener {
         self.listener.local_addr().unwrap_or(self.forward.listen)
     }
 
-    pub fn forward(&self) -> &Forward {
-        &self.forward
-    }
-
     /// Accepts until `stop_accepting` is cancelled; each connection runs on `connections` so
     /// the caller can wait for them to finish.
     pub async fn serve(

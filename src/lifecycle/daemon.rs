@@ -271,7 +271,7 @@ pub async fn serve_for_owner(
                 running.shutdown(Duration::ZERO).await;
                 break;
             }
-            name = signals.next() => match name {
+            name = signals.next_stop() => match name {
                 "SIGTERM" => debug!(event = "signal-ignored", signal = name),
                 "SIGINT" => {
                     warn!(event = "signal", signal = name, "interrupted while draining; exiting at once");

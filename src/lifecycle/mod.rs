@@ -290,11 +290,6 @@ impl Signals {
         }
     }
 
-    /// Like [`Signals::next_stop`], for use while draining.
-    pub async fn next(&mut self) -> &'static str {
-        self.next_stop().await
-    }
-
     /// Ctrl+C twice in a terminal: the user wants out now.
     pub async fn second_interrupt(&mut self) {
         self.int.recv().await;

@@ -31,10 +31,6 @@ impl Owner {
         self.pid
     }
 
-    pub fn is_alive(&self) -> bool {
-        is_alive(self.pid)
-    }
-
     /// Resolves once the owner has exited.
     pub async fn exited(&self) {
         match &self.pidfd {
