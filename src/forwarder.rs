@@ -7,8 +7,13 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -57,12 +62,13 @@ impl Listener {
     }
 
     /// Accepts until `stop_accepting` is cancelled; each connection runs on `connections` so
-    /// the caller can wait for them to finish.
+    /// the caller can wait for them to finish, and is cut when `cut` is cancelled.
     pub async fn serve(
         self,
         sessions: SessionSlot,
         wait_timeout: Duration,
         stop_accepting: CancellationToken,
+        cut: CancellationToken,
         connections: TaskTracker,
     ) {
         loop {
@@ -77,7 +83,12 @@ impl Listener {
                         forward: self.forward.clone(),
                         peer,
                     };
-                    connections.spawn(connection.run(stream, sessions.clone(), wait_timeout));
+                    connections.spawn(connection.run(
+                        stream,
+                        sessions.clone(),
+                        wait_timeout,
+                        cut.clone(),
+                    ));
                 }
                 Err(error) => {
                     // Usually EMFILE: back off briefly instead of spinning on the error.
@@ -96,7 +107,13 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, mut stream: TcpStream, mut sessions: SessionSlot, wait_timeout: Duration) {
+    async fn run(
+        self,
+        stream: TcpStream,
+        mut sessions: SessionSlot,
+        wait_timeout: Duration,
+        cut: CancellationToken,
+    ) {
         let _ = stream.set_nodelay(true);
         let accepted = tokio::time::Instant::now();
         let deadline = accepted + wait_timeout;
@@ -107,8 +124,14 @@ impl Connection {
                 s.as_ref()
                     .is_some_and(|s: &std::sync::Arc<crate::ssh::Session>| !s.is_closed())
             };
-            let session = match tokio::time::timeout_at(deadline, sessions.wait_for(ready)).await {
-                Ok(Ok(session)) => session.clone().expect("wait_for guarantees Some"),
+            let waited = tokio::select! {
+                waited = tokio::time::timeout_at(deadline, sessions.wait_for(ready)) => {
+                    waited.map(|slot| slot.map(|session| session.clone()))
+                }
+                () = cut.cancelled() => return,
+            };
+            let session = match waited {
+                Ok(Ok(session)) => session.expect("wait_for guarantees Some"),
                 // The supervisor is gone: the process is stopping.
                 Ok(Err(_)) => return,
                 Err(_) => {
@@ -141,6 +164,10 @@ impl Connection {
                     return;
                 }
             };
+            // Only the signals are kept: holding the session itself would keep it (and its
+            // socket) alive after the supervisor has replaced it.
+            let session_closed = session.closed();
+            let stalled_readers = session.stalled_readers();
             drop(session);
             let mut channel = match channel {
                 Ok(channel) => channel,
@@ -154,13 +181,18 @@ impl Connection {
             if waited >= Duration::from_millis(100) {
                 info!(event = "connection-waited", addon, %role, %peer, ms = waited.as_millis() as u64);
             }
-            let copied = tokio::io::copy_bidirectional_with_sizes(
-                &mut stream,
-                &mut channel,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await;
+            let mut client = ClientStream::new(stream, stalled_readers);
+            let copied = tokio::select! {
+                copied = tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut channel,
+                    COPY_BUFFER,
+                    COPY_BUFFER,
+                ) => copied,
+                // A copy waiting for SSH window is not woken when the session dies.
+                () = session_closed.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the SSH session ended")),
+                () = cut.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "bpg-tunnel is stopping")),
+            };
             match copied {
                 Ok((up, down)) => {
                     debug!(event = "connection-closed", addon, %role, %peer, bytes_up = up, bytes_down = down)
@@ -171,5 +203,71 @@ impl Connection {
             }
             return;
         }
+    }
+}
+
+/// The app's side of a connection. It tells the session when the app stops reading, because
+/// that stalls the whole SSH connection (see [`crate::ssh`]); the count moves only when a write
+/// starts or stops waiting, never per byte.
+struct ClientStream {
+    inner: TcpStream,
+    stalled_readers: Arc<AtomicUsize>,
+    stalled: bool,
+}
+
+impl ClientStream {
+    fn new(inner: TcpStream, stalled_readers: Arc<AtomicUsize>) -> ClientStream {
+        ClientStream {
+            inner,
+            stalled_readers,
+            stalled: false,
+        }
+    }
+
+    fn mark(&mut self, stalled: bool) {
+        if stalled != self.stalled {
+            self.stalled = stalled;
+            if stalled {
+                self.stalled_readers.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.stalled_readers.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for ClientStream {
+    fn drop(&mut self) {
+        self.mark(false);
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.mark(result.is_pending());
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

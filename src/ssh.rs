@@ -5,11 +5,20 @@
 //! server counts as a sign of life, a keepalive request is sent after each silent interval, and
 //! after `interval × count` of silence the session is declared dead and its socket shut down, so
 //! that nothing (not even a write blocked on a full send buffer) outlives it.
+//!
+//! One exception to "silence means dead": russh refills a channel's SSH window as soon as data
+//! arrives and then waits, with its whole session loop, for that channel's 100-message queue to
+//! make room. So a local client that stops reading (a paused `COPY TO STDOUT`, a full pipe) stops
+//! us from reading the socket: the server looks silent, and every other channel of the session
+//! stalls with it until the client reads again (upstream: Eugeny/russh#392, #730). The forwarder
+//! reports such clients through [`Session::stalled_readers`], and the silence clock does not run
+//! while any is stalled: we cannot hear the server while we are not listening, and cutting the
+//! session would cut every connection on it for a fault that is not the server's.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -99,6 +108,7 @@ pub struct Session {
     /// A duplicate of the socket's descriptor, used only to shut the socket down.
     socket: socket2::Socket,
     bytes_in: Arc<AtomicU64>,
+    stalled_readers: Arc<AtomicUsize>,
     closed: CancellationToken,
     close_reason: Arc<Mutex<Option<String>>>,
     server: String,
@@ -157,6 +167,7 @@ impl Session {
                 handle,
                 socket,
                 bytes_in,
+                stalled_readers: Arc::default(),
                 closed,
                 close_reason,
                 server: name,
@@ -175,6 +186,18 @@ impl Session {
 
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled() || self.handle.is_closed()
+    }
+
+    /// Cancelled when the session ends, however it ends: a copy waiting on the channel (for SSH
+    /// window, say) would otherwise never learn of it.
+    pub fn closed(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+
+    /// How many local clients of this session's channels are not reading what we write them;
+    /// the forwarder keeps it (see the module comment).
+    pub fn stalled_readers(&self) -> Arc<AtomicUsize> {
+        self.stalled_readers.clone()
     }
 
     /// Opens a `direct-tcpip` channel to `host:port` as seen from the SSH server.
@@ -222,7 +245,7 @@ impl Session {
                 () = tokio::time::sleep(tick) => {}
             }
             let now_seen = self.bytes_in.load(Ordering::Relaxed);
-            if now_seen != seen {
+            if now_seen != seen || self.stalled_readers.load(Ordering::Relaxed) > 0 {
                 seen = now_seen;
                 last_heard = Instant::now();
                 keepalives_sent = 0;

@@ -327,3 +327,124 @@ async fn a_forward_the_server_refuses_fails_fast_and_the_other_still_works() {
     );
     assert_eq!(tunnel.count("event=ssh-connected"), 1);
 }
+
+/// A tunnel that declares a silent server dead after 0.9 s (300 ms × 3).
+fn spawn_with_short_silence_budget(db: &support::Attachment) -> Tunnel {
+    let tunnel = spawn(
+        &db.vars,
+        &["--keepalive-interval", "300ms", "--keepalive-count", "3"],
+    );
+    tunnel.wait_for(&["event=ssh-connected"], START);
+    tunnel
+}
+
+/// psql through the writer forward, running each command in turn.
+fn psql(db: &support::Attachment, commands: &[&str]) -> std::process::Command {
+    let mut psql = std::process::Command::new("psql");
+    psql.arg(support::psql_url(&db.vars["DATABASE_URL"]))
+        .arg("-X");
+    for command in commands {
+        psql.args(["-c", command]);
+    }
+    psql
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_does_not_get_the_session_killed() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    // The stalled client below holds the session's reader for three times this budget.
+    let tunnel = spawn_with_short_silence_budget(&db);
+
+    // psql writing ~50 MB into a pipe nobody reads: it blocks on stdout, stops reading its
+    // socket, and the tunnel's channel backs up all the way to the SSH connection.
+    let mut psql = psql(
+        &db,
+        &["COPY (SELECT repeat('x', 1000) FROM generate_series(1, 50000)) TO STDOUT"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+
+    let mut out = psql.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut lines = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = std::io::Read::read(&mut out, &mut buf).unwrap();
+            if n == 0 {
+                return lines;
+            }
+            lines += buf[..n].iter().filter(|b| **b == b'\n').count();
+        }
+    });
+    let lines = reader.join().unwrap();
+    assert!(psql.wait().unwrap().success());
+    assert_eq!(
+        lines, 50_000,
+        "the whole result arrives once the client reads"
+    );
+    assert_eq!(
+        tunnel.count("event=ssh-disconnected"),
+        0,
+        "{:#?}",
+        tunnel.lines()
+    );
+    // And the session is still the first one, serving new connections.
+    assert_eq!(server_addr(db.writer_port).await.unwrap(), "127.0.0.1");
+    assert_eq!(tunnel.count("event=ssh-connected"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_stuck_on_a_dead_session_is_cut_not_left_hanging() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let tunnel = spawn_with_short_silence_budget(&db);
+
+    // An endless COPY FROM STDIN: once the server hangs, the SSH window runs out and the
+    // tunnel's copy waits for window that never comes.
+    let mut psql = psql(&db, &["CREATE TEMP TABLE t (x text)", "COPY t FROM STDIN"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = psql.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let line = format!("{}\n", "y".repeat(1000));
+        while std::io::Write::write_all(&mut stdin, line.as_bytes()).is_ok() {}
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        psql.try_wait().unwrap().is_none(),
+        "the upload is under way"
+    );
+
+    let stopped_at = Instant::now();
+    assert!(lab.sshd.signal_sessions(libc::SIGSTOP) > 0);
+    let exited = loop {
+        if let Some(status) = psql.try_wait().unwrap() {
+            break Some(status);
+        }
+        if stopped_at.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    lab.sshd.signal_sessions(libc::SIGCONT);
+    if exited.is_none() {
+        let _ = psql.kill();
+    }
+    let cut_after = stopped_at.elapsed();
+    let _ = psql.wait();
+    writer.join().unwrap();
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "the app must see its connection fail, not hang ({cut_after:?})"
+    );
+    eprintln!("upload on a hung session: connection cut after {cut_after:?}");
+    tunnel.wait_for(&["event=ssh-disconnected"], START);
+    // The replacement session serves the app's next connection.
+    assert_eq!(server_addr(db.writer_port).await.unwrap(), "127.0.0.1");
+}

@@ -373,10 +373,24 @@ impl AddonParser<'_> {
         };
         let mut forwards = vec![writer.clone()];
         let reader_var = format!("{}_READONLY_URL", self.prefix);
-        if let (Some(reader_host), true) = (reader_host, self.env.contains_key(&reader_var)) {
-            if let Some(reader) = self.reader(&reader_var, reader_host, pg_port, &writer) {
-                forwards.push(reader);
+        let reader_host = reader_host.filter(|h| !h.is_empty());
+        match (reader_host, self.env.contains_key(&reader_var)) {
+            (Some(reader_host), true) => {
+                if let Some(reader) = self.reader(&reader_var, reader_host, pg_port, &writer) {
+                    forwards.push(reader);
+                }
             }
+            // An add-on without a replica; worth a word since the app may try the URL anyway.
+            (None, true) => {
+                let var = self.var.to_owned();
+                self.problem(
+                    Severity::Notice,
+                    &var,
+                    Some("POSTGRES_READER_HOST"),
+                    format!("is not set, so {reader_var} is not served; expected the reader database host when the add-on has a read-only replica"),
+                );
+            }
+            (_, false) => {}
         }
 
         Some(Addon {

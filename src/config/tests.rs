@@ -106,6 +106,14 @@ fn reader_needs_both_host_and_url() {
     ]);
     assert_eq!(no_host.addons[0].forwards.len(), 1);
     assert!(errors(&no_host).is_empty());
+    let notice = no_host
+        .problems
+        .iter()
+        .find(|p| p.key == Some("POSTGRES_READER_HOST"))
+        .expect("a notice says why the reader URL is not served");
+    assert_eq!(notice.severity, Severity::Notice);
+    assert_eq!(notice.var, "DATABASE_TUNNEL_BPG_CONN_INFO");
+    assert!(notice.message.contains("DATABASE_READONLY_URL"));
 }
 
 #[test]

@@ -58,6 +58,10 @@ pub fn report(discovery: &Discovery) {
     }
 }
 
+/// How long stopping may take once connections are cut: within Heroku's SIGKILL budget even
+/// after a full drain.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The tunnels of every add-on, bound and ready to be driven.
 pub struct Tunnels {
     supervisors: Vec<Supervisor>,
@@ -142,6 +146,7 @@ impl Tunnels {
                 sessions,
                 options.connection_wait_timeout,
                 running.stop_accepting.clone(),
+                running.stop_sessions.clone(),
                 running.connections.clone(),
             ));
         }
@@ -205,10 +210,16 @@ impl Running {
                 );
             }
         }
-        // Ends every session, which in turn ends any connection still copying.
+        // Cuts every connection still open and ends every session.
         self.stop_sessions.cancel();
-        self.tasks.wait().await;
-        self.connections.wait().await;
+        // Bounded: closing a session says goodbye to a server that may not answer.
+        let stopped = async {
+            self.tasks.wait().await;
+            self.connections.wait().await;
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, stopped).await.is_err() {
+            warn!(event = "stop-timeout", ms = STOP_TIMEOUT.as_millis() as u64);
+        }
     }
 }
 
