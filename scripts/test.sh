@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, lints, unit and property tests, and the end-to-end tests against
-# a real OpenSSH sshd and PostgreSQL (started on loopback by the test harness).
+# a real OpenSSH sshd and PostgreSQL (started on loopback by the test harness), first with the
+# debug build, then with the static release binary and its tarball, which the buildpack tests
+# install the way a user's build does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+scripts/dist.sh
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+release_bin="$PWD/target/x86_64-unknown-linux-musl/release/bpg-tunnel"
+release_tarball="$PWD/dist/bpg-tunnel-$version-x86_64-unknown-linux-musl.tar.gz"
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --all-targets --locked 2>&1 | tee "$log"
+echo "-----> unit, property and end-to-end tests (debug build)"
+cargo test --locked --lib --bins --test tunnel --test lifecycle 2>&1 | tee "$log"
+echo "-----> end-to-end and install tests (static release binary: $release_bin)"
+BPG_TUNNEL_BIN="$release_bin" BPG_TUNNEL_DIST="$release_tarball" \
+  cargo test --locked --test tunnel --test lifecycle --test buildpack 2>&1 | tee -a "$log"
 # One closing line for the whole run, whatever order cargo printed its targets in.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"

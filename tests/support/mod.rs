@@ -83,6 +83,18 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// For tests that need a new PID namespace: false (after saying so) when not root, outside CI.
+pub fn can_unshare_pid() -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true: this test needs root for unshare --pid");
+    }
+    eprintln!("SKIPPED: needs root for unshare --pid");
+    false
+}
+
 /// A port nobody listens on right now (bound and released; the window for a race is tiny).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -693,6 +705,43 @@ pub fn tunnel_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/debug/bpg-tunnel"))
 }
 
+/// The release tarball the buildpacks install: `BPG_TUNNEL_DIST` (set by `scripts/test.sh` to
+/// what `scripts/dist.sh` built), or, outside CI, one packed here the same way from the binary
+/// under test.
+pub fn release_tarball() -> PathBuf {
+    static PACKED: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    if let Some(dist) = std::env::var_os("BPG_TUNNEL_DIST") {
+        return PathBuf::from(dist);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true: set BPG_TUNNEL_DIST to the tarball scripts/dist.sh built");
+    }
+    let (_, tarball) = PACKED.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let stage = dir.path().join("stage");
+        std::fs::create_dir(&stage).unwrap();
+        std::fs::copy(tunnel_binary(), stage.join("bpg-tunnel")).unwrap();
+        let tarball = dir
+            .path()
+            .join("bpg-tunnel-test-x86_64-unknown-linux-musl.tar.gz");
+        let status = Command::new("tar")
+            .arg("-czf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&stage)
+            .arg("bpg-tunnel")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let sums = Command::new("sha256sum").arg(&tarball).output().unwrap();
+        let mut sidecar = tarball.clone().into_os_string();
+        sidecar.push(".sha256");
+        std::fs::write(sidecar, sums.stdout).unwrap();
+        (dir, tarball)
+    });
+    tarball.clone()
+}
+
 #[derive(Default)]
 struct Output {
     lines: Mutex<Vec<String>>,
@@ -723,6 +772,15 @@ impl Tunnel {
     ) -> Tunnel {
         let mut command = Command::new("bash");
         command.arg("-c").arg(script).process_group(0);
+        Tunnel::spawn_command(command, vars)
+    }
+
+    /// Runs any command the way [`Tunnel::bash`] does: clean environment, own process group.
+    pub fn command<'a>(
+        mut command: Command,
+        vars: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Tunnel {
+        command.process_group(0);
         Tunnel::spawn_command(command, vars)
     }
 

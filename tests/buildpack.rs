@@ -1,0 +1,615 @@
+//! The three ways users install bpg-tunnel, each driven through its platform's own contract
+//! (no Heroku, no Docker engine here): the classic buildpack's bin/detect + bin/compile and a
+//! dyno booted from its output, the Cloud Native Buildpack's bin/build and exec.d run the way
+//! the launcher runs them, and Dockerfile.example's ENTRYPOINT/CMD as PID 1 of a fresh PID
+//! namespace. The binary installed is the release tarball (see `support::release_tarball`).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::{process_alive, psql_url, Tunnel};
+
+const T: Duration = Duration::from_secs(30);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn buildpack(program: &str) -> Command {
+    let mut command = Command::new(repo().join("buildpack").join(program));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir());
+    command
+}
+
+fn file_url(path: &Path) -> String {
+    format!("file://{}", path.display())
+}
+
+fn tarball_sha256() -> String {
+    let out = Command::new("sha256sum")
+        .arg(support::release_tarball())
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Runs classic bin/compile; the binary URL comes from the environment.
+fn compile(build: &Path, cache: &Path, env_dir: &Path, url: Option<&str>) -> Output {
+    let mut compile = buildpack("bin/compile");
+    compile.args([build, cache, env_dir]);
+    if let Some(url) = url {
+        compile.env("BPG_TUNNEL_BINARY_URL", url);
+    }
+    compile.output().unwrap()
+}
+
+fn daemon_pid(state: &Path) -> Option<i32> {
+    std::fs::read_to_string(state.join("bpg-tunnel.pid"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if !process_alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// The add-on's config vars for a dyno, with a private state dir so parallel tests never meet.
+fn dyno_vars(lab: &support::Lab, state: &Path) -> BTreeMap<String, String> {
+    let db = lab.attachment("DATABASE");
+    let mut vars = db.vars.clone();
+    vars.insert("BPG_TUNNEL_STATE_DIR".into(), state.display().to_string());
+    vars.insert("BPG_TUNNEL_LOG".into(), "info".into());
+    vars.insert("APP_URL".into(), psql_url(&db.vars["DATABASE_URL"]));
+    vars
+}
+
+#[test]
+fn classic_compile_installs_the_binary_reuses_its_cache_and_refuses_a_bad_checksum() {
+    let build = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let env_dir = tempfile::tempdir().unwrap();
+    let url = file_url(&support::release_tarball());
+
+    let detect = buildpack("bin/detect").arg(build.path()).output().unwrap();
+    assert!(detect.status.success());
+    assert!(String::from_utf8_lossy(&detect.stdout).contains("bpg-tunnel"));
+
+    let first = compile(build.path(), cache.path(), env_dir.path(), Some(&url));
+    let out = text(&first);
+    assert!(first.status.success(), "{out}");
+    assert!(out.contains("-----> Downloading bpg-tunnel"), "{out}");
+    assert!(out.contains(&tarball_sha256()), "{out}");
+    let binary = build.path().join(".borealis-pg/bin/bpg-tunnel");
+    assert!(is_executable(&binary));
+    let version = Command::new(&binary).arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("bpg-tunnel {}", env!("CARGO_PKG_VERSION"))
+    );
+    let profile = build
+        .path()
+        .join(".profile.d/borealis-pg-init-secure-tunnel.sh");
+    assert_eq!(
+        std::fs::read(&profile).unwrap(),
+        std::fs::read(repo().join("buildpack/profile.d/borealis-pg-init-secure-tunnel.sh"))
+            .unwrap()
+    );
+
+    // A second build: the URL as a config var (ENV_DIR), the download from the cache.
+    let build2 = tempfile::tempdir().unwrap();
+    std::fs::write(env_dir.path().join("BPG_TUNNEL_BINARY_URL"), &url).unwrap();
+    let second = compile(build2.path(), cache.path(), env_dir.path(), None);
+    let out = text(&second);
+    assert!(second.status.success(), "{out}");
+    assert!(out.contains("-----> Using cached bpg-tunnel"), "{out}");
+    assert!(!out.contains("Downloading"), "{out}");
+    assert!(is_executable(
+        &build2.path().join(".borealis-pg/bin/bpg-tunnel")
+    ));
+
+    // A checksum that does not match: the build fails, says so, and installs nothing.
+    let build3 = tempfile::tempdir().unwrap();
+    let cache3 = tempfile::tempdir().unwrap();
+    let wrong = "0".repeat(64);
+    let bad = buildpack("bin/compile")
+        .args([build3.path(), cache3.path(), env_dir.path()])
+        .env("BPG_TUNNEL_BINARY_SHA256", &wrong)
+        .output()
+        .unwrap();
+    let out = text(&bad);
+    assert!(!bad.status.success(), "{out}");
+    assert!(out.contains(" !     Checksum mismatch"), "{out}");
+    assert!(out.contains(&format!("expected SHA-256 {wrong}")), "{out}");
+    assert!(
+        out.contains(&format!("got SHA-256 {}", tarball_sha256())),
+        "{out}"
+    );
+    assert!(!build3.path().join(".borealis-pg/bin/bpg-tunnel").exists());
+}
+
+#[test]
+fn classic_compile_without_an_override_installs_the_pinned_release_only() {
+    // The buildpack as published, with its pin pointed at the local tarball: no network here.
+    let copy = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .arg("-R")
+        .arg(repo().join("buildpack"))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let pin_path = copy.path().join("buildpack/bpg-tunnel.pin");
+    let pin = std::fs::read_to_string(&pin_path).unwrap();
+    let tarball = support::release_tarball();
+    let pin_to = |sha: &str| {
+        let text: String = pin
+            .lines()
+            .map(|line| match line.split_once('=') {
+                Some(("url", _)) => format!("url={}\n", file_url(&tarball)),
+                Some(("sha256", _)) => format!("sha256={sha}\n"),
+                _ => format!("{line}\n"),
+            })
+            .collect();
+        std::fs::write(&pin_path, text).unwrap();
+    };
+    let compile = |build: &Path| {
+        let cache = tempfile::tempdir().unwrap();
+        let env_dir = tempfile::tempdir().unwrap();
+        let mut compile = Command::new(copy.path().join("buildpack/bin/compile"));
+        compile
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .args([build, cache.path(), env_dir.path()]);
+        compile.output().unwrap()
+    };
+
+    pin_to(&tarball_sha256());
+    let build = tempfile::tempdir().unwrap();
+    let pinned = compile(build.path());
+    let out = text(&pinned);
+    assert!(pinned.status.success(), "{out}");
+    let version = pin
+        .lines()
+        .find_map(|l| l.strip_prefix("version="))
+        .unwrap();
+    assert!(
+        out.contains(&format!("-----> Downloading bpg-tunnel {version}")),
+        "{out}"
+    );
+    assert!(is_executable(
+        &build.path().join(".borealis-pg/bin/bpg-tunnel")
+    ));
+
+    // The pin is the only trust anchor: a tarball that differs from it is refused.
+    pin_to(&"f".repeat(64));
+    let build = tempfile::tempdir().unwrap();
+    let refused = compile(build.path());
+    let out = text(&refused);
+    assert!(!refused.status.success(), "{out}");
+    assert!(out.contains("Checksum mismatch"), "{out}");
+    assert!(!build.path().join(".borealis-pg/bin/bpg-tunnel").exists());
+}
+
+/// Boots a dyno from a compiled BUILD_DIR the way Heroku does: HOME is the build dir, a login
+/// bash sources `.profile.d/*.sh`, then execs the app's command.
+fn boot_dyno(build: &Path, vars: &BTreeMap<String, String>, app: &str) -> Tunnel {
+    let app_script = build.join("app.sh");
+    std::fs::write(&app_script, app).unwrap();
+    let mut vars = vars.clone();
+    vars.insert("HOME".into(), build.display().to_string());
+    let mut bash = Command::new("bash");
+    bash.current_dir(build).args([
+        "-l",
+        "-c",
+        r#"for f in "$HOME"/.profile.d/*.sh; do . "$f"; done; exec bash ./app.sh"#,
+    ]);
+    Tunnel::command(bash, vars.iter())
+}
+
+fn compiled_build_dir() -> tempfile::TempDir {
+    let build = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let env_dir = tempfile::tempdir().unwrap();
+    let url = file_url(&support::release_tarball());
+    let compiled = compile(build.path(), cache.path(), env_dir.path(), Some(&url));
+    assert!(compiled.status.success(), "{}", text(&compiled));
+    build
+}
+
+#[test]
+fn classic_dyno_first_query_succeeds_and_sigterm_drains_with_the_app() {
+    let Some(lab) = support::lab() else { return };
+    let build = compiled_build_dir();
+    let state = tempfile::tempdir().unwrap();
+    let vars = dyno_vars(&lab, state.path());
+    let mut dyno = boot_dyno(
+        build.path(),
+        &vars,
+        r#"trap '' TERM
+psql "$APP_URL" -XAtc "select 'first-query-ok'"
+echo app-booted
+psql "$APP_URL" -XAtc "select 'in-flight-ok', pg_sleep(3)" &
+sleep 2
+psql "$APP_URL" -XAtc "select 'new-after-sigterm-ok'"
+wait
+echo app-exiting
+"#,
+    );
+    dyno.wait_for(&["app-booted"], T);
+    let daemon = daemon_pid(state.path()).expect("the profile.d script started the daemon");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{daemon}/exe")).unwrap(),
+        build.path().join(".borealis-pg/bin/bpg-tunnel"),
+        "the daemon is the binary bin/compile installed"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // Heroku's shutdown: SIGTERM to every process of the dyno, the daemon more than once.
+    unsafe {
+        libc::kill(-dyno.pid(), libc::SIGTERM);
+        libc::kill(daemon, libc::SIGTERM);
+        libc::kill(daemon, libc::SIGTERM);
+    }
+    let status = dyno.wait_exit(T).expect("the app drains and exits");
+    let out = dyno.lines().join("\n");
+    assert!(status.success(), "{out}");
+    for expected in ["first-query-ok", "in-flight-ok", "new-after-sigterm-ok"] {
+        assert!(out.contains(expected), "{expected} missing:\n{out}");
+    }
+    assert!(
+        wait_gone(daemon, Duration::from_secs(3)),
+        "daemon follows the app"
+    );
+}
+
+#[test]
+fn profile_d_script_is_safe_to_source_and_starts_only_when_it_should() {
+    let Some(lab) = support::lab() else { return };
+    let build = compiled_build_dir();
+    // The shell's options and traps before and after sourcing, and whether it carried on.
+    let probe = r#"set -euo pipefail; trap 'echo usr1' USR1
+before="$- $(trap -p)"
+. "$HOME/.profile.d/borealis-pg-init-secure-tunnel.sh"
+after="$- $(trap -p)"
+[ "$before" = "$after" ] && echo same-shell-state || echo "changed: $before -> $after"
+command -v bpg-tunnel >/dev/null && echo on-path
+echo continued"#;
+    let run = |vars: &BTreeMap<String, String>| {
+        let mut vars = vars.clone();
+        vars.insert("HOME".into(), build.path().display().to_string());
+        let mut bash = Command::new("bash");
+        bash.args(["-l", "-c", probe]);
+        let mut shell = Tunnel::command(bash, vars.iter());
+        let status = shell.wait_exit(T).expect("the shell finishes");
+        (status, shell)
+    };
+
+    let state = tempfile::tempdir().unwrap();
+    let configured = dyno_vars(&lab, state.path());
+    let (status, shell) = run(&configured);
+    let lines = shell.lines();
+    assert!(status.success(), "{lines:#?}");
+    for expected in ["same-shell-state", "on-path", "continued"] {
+        assert!(lines.iter().any(|l| l == expected), "{lines:#?}");
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("event=ready")),
+        "{lines:#?}"
+    );
+    // The daemon writes to the shell's output, and leaves after it.
+    shell.wait_for(&["event=stopped"], T);
+
+    let skipped = |extra: &[(&str, &str)], why: &str| {
+        let state = tempfile::tempdir().unwrap();
+        let mut vars = dyno_vars(&lab, state.path());
+        for (key, value) in extra {
+            vars.insert((*key).into(), (*value).into());
+        }
+        if extra.is_empty() {
+            vars.retain(|key, _| !key.ends_with("_TUNNEL_BPG_CONN_INFO"));
+        }
+        let (status, shell) = run(&vars);
+        let lines = shell.lines();
+        assert!(status.success(), "{why}: {lines:#?}");
+        assert!(lines.iter().any(|l| l == "continued"), "{why}: {lines:#?}");
+        assert!(
+            lines.iter().all(|l| !l.contains("source=bpg-tunnel")),
+            "{why}: nothing is started or said: {lines:#?}"
+        );
+        assert!(daemon_pid(state.path()).is_none(), "{why}");
+    };
+    skipped(&[], "no add-on config");
+    skipped(&[("SSH_CLIENT", "10.1.2.3 50000 22")], "heroku ps:exec");
+    skipped(&[("BPG_TUNNEL_DISABLE", "1")], "disabled");
+
+    // A broken config is reported, and the app still boots.
+    let state = tempfile::tempdir().unwrap();
+    let mut broken = dyno_vars(&lab, state.path());
+    broken.insert("DATABASE_TUNNEL_BPG_CONN_INFO".into(), "SSH_HOST:=".into());
+    let (status, shell) = run(&broken);
+    let lines = shell.lines();
+    assert!(status.success(), "{lines:#?}");
+    assert!(lines.iter().any(|l| l == "continued"), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("event=config-error")));
+}
+
+#[test]
+fn cnb_build_makes_a_launch_layer_whose_exec_d_starts_the_tunnel_before_the_app() {
+    let Some(lab) = support::lab() else { return };
+    let layers = tempfile::tempdir().unwrap();
+    let platform = tempfile::tempdir().unwrap();
+    let plan = tempfile::tempdir().unwrap();
+    std::fs::create_dir(platform.path().join("env")).unwrap();
+    std::fs::write(
+        platform.path().join("env/BPG_TUNNEL_BINARY_URL"),
+        file_url(&support::release_tarball()),
+    )
+    .unwrap();
+    let cnb = |program: &str| {
+        let mut command = buildpack(program);
+        command
+            .env("CNB_PLATFORM_DIR", platform.path())
+            .env("CNB_BUILDPACK_DIR", repo().join("buildpack"));
+        command
+    };
+
+    let detect = cnb("bin/detect")
+        .env("CNB_BUILD_PLAN_PATH", plan.path().join("plan.toml"))
+        .output()
+        .unwrap();
+    assert!(detect.status.success(), "{}", text(&detect));
+
+    let build = || {
+        let output = cnb("bin/build")
+            .env("CNB_LAYERS_DIR", layers.path())
+            .env("CNB_BP_PLAN_PATH", plan.path().join("plan.toml"))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", text(&output));
+        text(&output)
+    };
+    assert!(build().contains("-----> Downloading bpg-tunnel"));
+    assert!(build().contains("-----> Using cached bpg-tunnel"));
+
+    let layer = layers.path().join("bpg-tunnel");
+    let toml = std::fs::read_to_string(layers.path().join("bpg-tunnel.toml")).unwrap();
+    assert!(toml.contains("[types]\nlaunch = true\n"), "{toml}");
+    assert!(
+        toml.contains(&format!("sha256 = \"{}\"", tarball_sha256())),
+        "{toml}"
+    );
+    assert!(
+        !toml.contains("cache = true"),
+        "the app image layer is not a cache"
+    );
+    let cache_toml = std::fs::read_to_string(layers.path().join("bpg-tunnel-cache.toml")).unwrap();
+    assert!(cache_toml.contains("cache = true") && !cache_toml.contains("launch = true"));
+    assert!(is_executable(&layer.join("bin/bpg-tunnel")));
+    let exec_d = layer.join("exec.d/bpg-tunnel");
+    assert!(is_executable(&exec_d));
+
+    // The launcher: layer bin on PATH; run exec.d as its direct child with fd 3 a pipe whose
+    // reader ends only when every holder has closed it (a daemon holding it would hang here),
+    // twice as for two processes; then exec the app in its own place, so exec.d's parent PID is
+    // the app's. The app's second query comes after the
+    // 1 s grace, so it proves the daemon is watching the app and not exec.d.
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = dyno_vars(&lab, state.path());
+    vars.insert("BPG_TUNNEL_GRACE".into(), "1s".into());
+    vars.insert("EXEC_D".into(), exec_d.display().to_string());
+    vars.insert(
+        "FD3_OUT".into(),
+        state.path().join("fd3.out").display().to_string(),
+    );
+    vars.insert("LAYER_BIN".into(), layer.join("bin").display().to_string());
+    let launcher = r#"export PATH="$LAYER_BIN:$PATH"
+for run in 1 2; do
+  s=$(date +%s%N)
+  "$EXEC_D" 3> >(cat >"$FD3_OUT"); rc=$?
+  wait $!
+  echo "exec.d run=$run rc=$rc ms=$(( ($(date +%s%N) - s) / 1000000 )) fd3=[$(cat "$FD3_OUT")]"
+done
+exec bash -c 'psql "$APP_URL" -XAtc "select 1" >/dev/null && echo first-query-ok
+sleep 2.5
+psql "$APP_URL" -XAtc "select 1" >/dev/null && echo later-query-ok'"#;
+    let mut bash = Command::new("bash");
+    bash.args(["-c", launcher]);
+    let mut container = Tunnel::command(bash, vars.iter());
+    let status = container.wait_exit(T).expect("the app finishes");
+    let lines = container.lines();
+    let out = lines.join("\n");
+    assert!(status.success(), "{out}");
+    let runs: Vec<&String> = lines.iter().filter(|l| l.starts_with("exec.d ")).collect();
+    assert_eq!(runs.len(), 2, "{out}");
+    for run in &runs {
+        assert!(run.contains(" rc=0 ") && run.ends_with("fd3=[]"), "{out}");
+        let ms: u64 = support_field(run, "ms").parse().unwrap();
+        assert!(ms < 10_000, "exec.d returns promptly: {run}");
+    }
+    eprintln!("exec.d: {}", runs[0]);
+    assert!(out.contains("first-query-ok"), "{out}");
+    assert!(out.contains("later-query-ok"), "{out}");
+    assert_eq!(container.count("event=already-running"), 1, "{out}");
+    assert_eq!(container.count("event=ssh-connected"), 1, "{out}");
+    if let Some(daemon) = daemon_pid(state.path()) {
+        assert!(wait_gone(daemon, Duration::from_secs(5)), "follows the app");
+    }
+}
+
+fn support_field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or("")
+}
+
+/// A Dockerfile instruction's exec-form (JSON array of plain strings) arguments.
+fn exec_form(dockerfile: &str, instruction: &str) -> Vec<String> {
+    let line = dockerfile
+        .lines()
+        .rfind(|l| l.starts_with(&format!("{instruction} ")))
+        .unwrap_or_else(|| panic!("Dockerfile.example has no {instruction}"));
+    let array = line[instruction.len()..].trim();
+    let inner = array
+        .strip_prefix('[')
+        .and_then(|a| a.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("{instruction} must be in exec form: {line}"));
+    assert!(!inner.contains('\\'), "no escapes expected: {line}");
+    inner
+        .split(',')
+        .map(|item| {
+            item.trim()
+                .strip_prefix('"')
+                .and_then(|i| i.strip_suffix('"'))
+                .unwrap_or_else(|| panic!("not a JSON string: {item}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn dockerfile_example_entrypoint_and_cmd_run_the_app_under_bpg_tunnel_as_pid_1() {
+    let Some(lab) = support::lab() else { return };
+    if !support::can_unshare_pid() {
+        return;
+    }
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile.example")).unwrap();
+    let entrypoint = exec_form(&dockerfile, "ENTRYPOINT");
+    let cmd = exec_form(&dockerfile, "CMD");
+    assert_eq!(entrypoint, ["bpg-tunnel", "run", "--"]);
+
+    // The image's app server, stood in for by a script of the same name on PATH: it queries at
+    // boot, and on SIGTERM finishes a query before exiting, as a draining gunicorn would.
+    let bin = tempfile::tempdir().unwrap();
+    let app = bin.path().join(&cmd[0]);
+    std::fs::write(
+        &app,
+        r#"#!/bin/bash
+trap 'psql "$APP_URL" -XAtc "select 1" >/dev/null && echo drain-query-ok; exit 0' TERM
+echo "app-args=$*"
+psql "$APP_URL" -XAtc "select 1" >/dev/null && echo first-query-ok
+echo app-ready
+while true; do sleep 0.1; done
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = dyno_vars(&lab, state.path());
+    let tunnel_dir = support::tunnel_binary().parent().unwrap().to_owned();
+    let path = std::env::join_paths(
+        [bin.path().to_owned(), tunnel_dir]
+            .into_iter()
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+    )
+    .unwrap();
+    vars.insert("PATH".into(), path.to_string_lossy().into_owned());
+    let mut unshare = Command::new("unshare");
+    unshare
+        .args(["--pid", "--fork", "--kill-child", "--mount-proc"])
+        .args(&entrypoint)
+        .args(&cmd);
+    let mut container = Tunnel::command(unshare, vars.iter());
+    container.wait_for(&["app-ready"], T);
+    let out = container.lines().join("\n");
+    assert!(out.contains("first-query-ok"), "{out}");
+    assert!(
+        out.contains(&format!("app-args={}", cmd[1..].join(" "))),
+        "{out}"
+    );
+    let pid1 = support::descendants(container.pid())[0];
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid1}/comm"))
+            .unwrap()
+            .trim(),
+        "bpg-tunnel"
+    );
+    unsafe { libc::kill(pid1, libc::SIGTERM) };
+    let status = container
+        .wait_exit(T)
+        .expect("the container exits with its app");
+    let out = container.lines().join("\n");
+    assert!(out.contains("drain-query-ok"), "{out}");
+    assert_eq!(status.code(), Some(0), "{out}");
+}
+
+#[test]
+fn release_binary_is_static_and_the_tarball_matches_its_checksum() {
+    let (Some(binary), Some(_)) = (
+        std::env::var_os("BPG_TUNNEL_BIN").map(PathBuf::from),
+        std::env::var_os("BPG_TUNNEL_DIST"),
+    ) else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true: set BPG_TUNNEL_BIN and BPG_TUNNEL_DIST to what scripts/dist.sh built");
+        }
+        eprintln!("SKIPPED: BPG_TUNNEL_BIN and BPG_TUNNEL_DIST (the release build) are not set");
+        return;
+    };
+    let file = Command::new("file").arg(&binary).output().unwrap();
+    let file = String::from_utf8_lossy(&file.stdout);
+    assert!(file.contains("static"), "{file}");
+    assert!(
+        file.contains("stripped") && !file.contains("not stripped"),
+        "{file}"
+    );
+    let ldd = Command::new("ldd").arg(&binary).output().unwrap();
+    let ldd = text(&ldd);
+    assert!(
+        ldd.contains("statically linked") || ldd.contains("not a dynamic executable"),
+        "{ldd}"
+    );
+    let version = Command::new(&binary).arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("bpg-tunnel {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    let tarball = support::release_tarball();
+    let name = tarball.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        name,
+        format!(
+            "bpg-tunnel-{}-x86_64-unknown-linux-musl.tar.gz",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    let listing = Command::new("tar")
+        .arg("-tzf")
+        .arg(&tarball)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&listing.stdout), "bpg-tunnel\n");
+    let check = Command::new("sha256sum")
+        .args(["--check", "--status"])
+        .arg(format!("{name}.sha256"))
+        .current_dir(tarball.parent().unwrap())
+        .status()
+        .unwrap();
+    assert!(check.success(), "the .sha256 file matches the tarball");
+}
