@@ -16,10 +16,10 @@ release_tarball="$PWD/dist/bpg-tunnel-$version-x86_64-unknown-linux-musl.tar.gz"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 echo "-----> unit, property and end-to-end tests (debug build)"
-cargo test --locked --lib --bins --test tunnel --test lifecycle 2>&1 | tee "$log"
+cargo test --locked --lib --bins --test tunnel --test lifecycle --test private_app 2>&1 | tee "$log"
 echo "-----> end-to-end and install tests (static release binary: $release_bin)"
 BPG_TUNNEL_BIN="$release_bin" BPG_TUNNEL_DIST="$release_tarball" \
-  cargo test --locked --test tunnel --test lifecycle --test buildpack 2>&1 | tee -a "$log"
+  cargo test --locked --test tunnel --test lifecycle --test private_app --test buildpack 2>&1 | tee -a "$log"
 # One closing line for the whole run, whatever order cargo printed its targets in.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"

@@ -49,6 +49,25 @@ pub struct Options {
     #[arg(long, env = "BPG_TUNNEL_STATE_DIR")]
     pub state_dir: Option<std::path::PathBuf>,
 
+    /// Private-app-tunnel mode: how often the dyno's registration is renewed (the add-on drops
+    /// it 75 min after the last renewal).
+    #[arg(long, env = "BPG_TUNNEL_PRIVATE_TUNNEL_EXTEND_INTERVAL", default_value = "65m", value_parser = parse_positive_duration)]
+    pub private_tunnel_extend_interval: Duration,
+
+    /// Private-app-tunnel mode: pause before retrying a renewal that failed on the network or
+    /// with a 5xx.
+    #[arg(long, env = "BPG_TUNNEL_PRIVATE_TUNNEL_RETRY_INTERVAL", default_value = "3m", value_parser = parse_positive_duration)]
+    pub private_tunnel_retry_interval: Duration,
+
+    /// Private-app-tunnel mode: the longest any one request to the add-on's API may take.
+    #[arg(long, env = "BPG_TUNNEL_PRIVATE_TUNNEL_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub private_tunnel_request_timeout: Duration,
+
+    /// Tests only: a PEM file of one more CA to trust for the add-on's API, on top of the
+    /// built-in web roots. Never needed in production.
+    #[arg(long, env = "BPG_TUNNEL_TEST_API_CA_FILE", hide = true)]
+    pub test_api_ca_file: Option<std::path::PathBuf>,
+
     /// Log filter in RUST_LOG syntax (`info`, `debug`, `bpg_tunnel=debug`); RUST_LOG is read
     /// when this is not set; the default is `info`.
     #[arg(long, env = "BPG_TUNNEL_LOG")]
@@ -81,8 +100,23 @@ impl Options {
             ("BPG_TUNNEL_GRACE", ms(self.owner_grace)),
             ("BPG_TUNNEL_LOG", self.log_filter()),
         ];
+        env.push((
+            "BPG_TUNNEL_PRIVATE_TUNNEL_EXTEND_INTERVAL",
+            ms(self.private_tunnel_extend_interval),
+        ));
+        env.push((
+            "BPG_TUNNEL_PRIVATE_TUNNEL_RETRY_INTERVAL",
+            ms(self.private_tunnel_retry_interval),
+        ));
+        env.push((
+            "BPG_TUNNEL_PRIVATE_TUNNEL_REQUEST_TIMEOUT",
+            ms(self.private_tunnel_request_timeout),
+        ));
         if let Some(dir) = &self.state_dir {
             env.push(("BPG_TUNNEL_STATE_DIR", dir.display().to_string()));
+        }
+        if let Some(file) = &self.test_api_ca_file {
+            env.push(("BPG_TUNNEL_TEST_API_CA_FILE", file.display().to_string()));
         }
         env
     }

@@ -21,6 +21,29 @@ const CONN_INFO_SUFFIX: &str = "_TUNNEL_BPG_CONN_INFO";
 const LEGACY_CONN_INFO_SUFFIX: &str = "_SSH_TUNNEL_BPG_CONNECTION_INFO";
 const DEFAULT_SSH_PORT: u16 = 22;
 
+/// An add-on in private-app-tunnel mode (CONTRACT.md §4): no SSH; the dyno registers with the
+/// add-on's API so the add-on's network lets it reach the database at the host in `P_URL`.
+#[derive(Debug, Clone)]
+pub struct PrivateApp {
+    /// The attachment prefix, as for [`Addon::name`].
+    pub name: String,
+    pub conn_info_var: String,
+    /// `API_BASE_URL`, https only, without a trailing slash.
+    pub api_base_url: url::Url,
+    pub addon_id: String,
+    pub jwt: Jwt,
+}
+
+/// `CLIENT_APP_JWT`: only ever written into an Authorization header.
+#[derive(Clone)]
+pub struct Jwt(pub Arc<zeroize::Zeroizing<String>>);
+
+impl fmt::Debug for Jwt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Jwt(<redacted>)")
+    }
+}
+
 /// One add-on attachment that can be served.
 #[derive(Debug, Clone)]
 pub struct Addon {
@@ -142,10 +165,21 @@ impl fmt::Display for Problem {
 #[derive(Debug, Default)]
 pub struct Discovery {
     pub addons: Vec<Addon>,
+    pub private_apps: Vec<PrivateApp>,
     pub problems: Vec<Problem>,
 }
 
+enum Parsed {
+    Ssh(Addon),
+    PrivateApp(PrivateApp),
+}
+
 impl Discovery {
+    /// No add-on is attached at all (nothing served, nothing to report).
+    pub fn is_empty(&self) -> bool {
+        self.addons.is_empty() && self.private_apps.is_empty() && self.problems.is_empty()
+    }
+
     pub fn errors(&self) -> impl Iterator<Item = &Problem> {
         self.problems
             .iter()
@@ -201,8 +235,10 @@ where
             var,
             problems: &mut discovery.problems,
         };
-        if let Some(addon) = parser.parse() {
-            admit(addon, &mut discovery);
+        match parser.parse() {
+            Some(Parsed::Ssh(addon)) => admit(addon, &mut discovery),
+            Some(Parsed::PrivateApp(app)) => admit_private_app(app, &mut discovery),
+            None => {}
         }
     }
     discovery
@@ -263,6 +299,27 @@ fn admit(mut addon: Addon, discovery: &mut Discovery) {
     }
 }
 
+/// The same add-on attached twice registers once.
+fn admit_private_app(app: PrivateApp, discovery: &mut Discovery) {
+    let same = discovery
+        .private_apps
+        .iter()
+        .find(|other| other.addon_id == app.addon_id && other.api_base_url == app.api_base_url);
+    match same {
+        Some(other) => discovery.problems.push(Problem {
+            severity: Severity::Notice,
+            addon: app.name.clone(),
+            var: app.conn_info_var.clone(),
+            key: Some("ADDON_ID"),
+            message: format!(
+                "same add-on as {}; the dyno registers with it once",
+                other.name
+            ),
+        }),
+        None => discovery.private_apps.push(app),
+    }
+}
+
 struct AddonParser<'a> {
     env: &'a BTreeMap<String, String>,
     prefix: &'a str,
@@ -292,7 +349,7 @@ impl AddonParser<'_> {
         self.problem(Severity::Error, &var, Some(key), message.into());
     }
 
-    fn parse(&mut self) -> Option<Addon> {
+    fn parse(&mut self) -> Option<Parsed> {
         let info = ConnInfo::parse(&self.env[self.var]);
         if !info.malformed_items().is_empty() {
             let var = self.var.to_owned();
@@ -313,14 +370,8 @@ impl AddonParser<'_> {
         let url_var = format!("{}_URL", self.prefix);
         let writer_url = self.url(&url_var, true)?;
         let UrlHost::Local(listen_ip) = writer_url.host else {
-            let var = url_var.clone();
-            self.problem(
-                Severity::Error,
-                &var,
-                None,
-                "the host is not pg-tunnel.borealis-data.com, which means private-app-tunnel mode; this version of bpg-tunnel supports SSH-forward mode only, so this add-on is not served".into(),
-            );
-            return None;
+            // The database is reached directly: private-app-tunnel mode.
+            return self.private_app(&info).map(Parsed::PrivateApp);
         };
 
         // Parse every key before giving up, so one run of the app lists every mistake.
@@ -393,7 +444,7 @@ impl AddonParser<'_> {
             (_, false) => {}
         }
 
-        Some(Addon {
+        Some(Parsed::Ssh(Addon {
             name: self.prefix.to_owned(),
             conn_info_var: self.var.to_owned(),
             ssh: SshServer {
@@ -404,7 +455,76 @@ impl AddonParser<'_> {
                 host_key,
             },
             forwards,
+        }))
+    }
+
+    fn private_app(&mut self, info: &ConnInfo) -> Option<PrivateApp> {
+        let api_base_url = self.api_base_url(info);
+        let addon_id = self.required(info, "ADDON_ID", "the add-on's id");
+        let jwt = match info.get("CLIENT_APP_JWT").map(str::trim) {
+            Some(jwt) if !jwt.is_empty() && !jwt.contains(char::is_whitespace) => {
+                Some(Jwt(Arc::new(zeroize::Zeroizing::new(jwt.to_owned()))))
+            }
+            Some(_) => {
+                self.key_error(
+                    "CLIENT_APP_JWT",
+                    "contains white space; expected the add-on's client token",
+                );
+                None
+            }
+            None => {
+                self.key_error(
+                    "CLIENT_APP_JWT",
+                    "is missing; expected the add-on's client token (private-app-tunnel mode, since the URL's host is not pg-tunnel.borealis-data.com)",
+                );
+                None
+            }
+        };
+        Some(PrivateApp {
+            name: self.prefix.to_owned(),
+            conn_info_var: self.var.to_owned(),
+            api_base_url: api_base_url?,
+            addon_id: addon_id?,
+            jwt: jwt?,
         })
+    }
+
+    fn api_base_url(&mut self, info: &ConnInfo) -> Option<url::Url> {
+        const KEY: &str = "API_BASE_URL";
+        let raw = self.required(
+            info,
+            KEY,
+            "the add-on's API address (private-app-tunnel mode, since the URL's host is not pg-tunnel.borealis-data.com)",
+        )?;
+        let parsed = match url::Url::parse(&raw) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                self.key_error(
+                    KEY,
+                    format!("is not a URL ({error}); expected https://host[/path]"),
+                );
+                return None;
+            }
+        };
+        if parsed.scheme() != "https" || parsed.host().is_none() {
+            self.key_error(KEY, format!("has scheme {:?}; expected an https:// URL, since the request carries the add-on's token", parsed.scheme()));
+            return None;
+        }
+        if parsed.query().is_some()
+            || parsed.fragment().is_some()
+            || !parsed.username().is_empty()
+            || parsed.password().is_some()
+        {
+            self.key_error(
+                KEY,
+                "has a query, fragment or user info; expected https://host[:port][/path]",
+            );
+            return None;
+        }
+        let mut base = parsed;
+        let trimmed = base.path().trim_end_matches('/').to_owned();
+        base.set_path(&trimmed);
+        Some(base)
     }
 
     fn reader(

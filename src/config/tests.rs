@@ -292,17 +292,103 @@ fn missing_url_and_bad_url_are_named() {
     );
 }
 
-#[test]
-fn private_app_tunnel_mode_is_reported_and_skipped() {
-    let d = env(&[
-        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhcHAifQ.c2VjcmV0LXNpZ25hdHVyZQ";
+
+fn private_app_env(overrides: &[(&str, &str)]) -> Discovery {
+    let mut items: BTreeMap<&str, &str> = [
+        ("API_BASE_URL", "https://api.example.com/v1/"),
+        ("ADDON_ID", "addon-123"),
+        ("CLIENT_APP_JWT", JWT),
+    ]
+    .into_iter()
+    .collect();
+    for (k, v) in overrides {
+        items.insert(k, v);
+    }
+    env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", ConnInfo::render(items)),
         (
             "DATABASE_URL",
             "postgres://u:p@db.internal.example:5432/db".into(),
         ),
-    ]);
+    ])
+}
+
+#[test]
+fn a_remote_url_host_means_private_app_tunnel_mode() {
+    let d = private_app_env(&[]);
     assert!(d.addons.is_empty());
-    assert!(errors(&d)[0].contains("private-app-tunnel mode"));
+    assert!(errors(&d).is_empty(), "{:?}", errors(&d));
+    let app = &d.private_apps[0];
+    assert_eq!(app.name, "DATABASE");
+    assert_eq!(app.addon_id, "addon-123");
+    // The trailing slash goes, so paths join cleanly.
+    assert_eq!(app.api_base_url.as_str(), "https://api.example.com/v1");
+    assert_eq!(app.jwt.0.as_str(), JWT);
+    assert!(
+        !format!("{app:?}").contains(JWT),
+        "Debug never shows the token"
+    );
+}
+
+#[test]
+fn private_app_mode_names_each_missing_or_bad_key_and_never_the_token() {
+    for (overrides, key, expected) in [
+        (vec![("API_BASE_URL", "")], "API_BASE_URL", "is missing"),
+        (
+            vec![("API_BASE_URL", "http://api.example.com")],
+            "API_BASE_URL",
+            "expected an https:// URL",
+        ),
+        (
+            vec![("API_BASE_URL", "https://api.example.com/?x=1")],
+            "API_BASE_URL",
+            "has a query",
+        ),
+        (vec![("ADDON_ID", "")], "ADDON_ID", "is missing"),
+        (vec![("CLIENT_APP_JWT", "")], "CLIENT_APP_JWT", "is missing"),
+    ] {
+        let d = private_app_env(&overrides);
+        assert!(d.private_apps.is_empty(), "{key}");
+        let problem = d.errors().next().expect(key);
+        assert_eq!(problem.key, Some(key));
+        assert_eq!(problem.var, "DATABASE_TUNNEL_BPG_CONN_INFO");
+        assert!(problem.message.contains(expected), "{}", problem.message);
+        assert!(!problem.message.contains(JWT));
+    }
+}
+
+#[test]
+fn the_same_private_app_addon_attached_twice_registers_once() {
+    let info = private_app_env(&[]);
+    assert_eq!(info.private_apps.len(), 1);
+    let conn_info = ConnInfo::render(
+        [
+            ("API_BASE_URL", "https://api.example.com/v1"),
+            ("ADDON_ID", "addon-123"),
+            ("CLIENT_APP_JWT", JWT),
+        ]
+        .into_iter()
+        .collect::<BTreeMap<_, _>>(),
+    );
+    let d = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info.clone()),
+        (
+            "DATABASE_URL",
+            "postgres://u:p@db.internal.example:5432/db".into(),
+        ),
+        ("BOREALIS_PG_RED_TUNNEL_BPG_CONN_INFO", conn_info),
+        (
+            "BOREALIS_PG_RED_URL",
+            "postgres://u:p@db.internal.example:5432/db".into(),
+        ),
+    ]);
+    assert_eq!(d.private_apps.len(), 1);
+    assert_eq!(d.private_apps[0].name, "DATABASE");
+    assert!(d
+        .problems
+        .iter()
+        .any(|p| p.addon == "BOREALIS_PG_RED" && p.message.contains("registers with it once")));
 }
 
 #[test]

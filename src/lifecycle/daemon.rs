@@ -32,7 +32,7 @@ const READY_FD: i32 = 3;
 /// allowed to stop the app from booting.
 pub fn start(options: &Options, owner_pid: i32) -> ExitCode {
     let discovery = discover_from_env();
-    if discovery.addons.is_empty() && discovery.problems.is_empty() {
+    if discovery.is_empty() {
         // No add-on attached: nothing to do, and nothing to say on a one-off dyno's terminal.
         return ExitCode::SUCCESS;
     }

@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::config::{self, Discovery, Severity};
 use crate::forwarder::Listener;
 use crate::options::Options;
+use crate::private_app::{self, ApiClient, Registration, RegistrationSettings};
 use crate::ssh::SessionSettings;
 use crate::supervisor::{SessionSlot, Supervisor};
 
@@ -58,14 +59,15 @@ pub fn report(discovery: &Discovery) {
     }
 }
 
-/// How long stopping may take once connections are cut: within Heroku's SIGKILL budget even
-/// after a full drain.
-const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long stopping may take once connections are cut (room for a private-app deregistration):
+/// within Heroku's SIGKILL budget even after a full drain.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The tunnels of every add-on, bound and ready to be driven.
 pub struct Tunnels {
     supervisors: Vec<Supervisor>,
     listeners: Vec<(usize, Listener)>,
+    registrations: Vec<Registration>,
 }
 
 impl Tunnels {
@@ -80,7 +82,38 @@ impl Tunnels {
         let mut tunnels = Tunnels {
             supervisors: Vec::new(),
             listeners: Vec::new(),
+            registrations: Vec::new(),
         };
+        if !discovery.private_apps.is_empty() {
+            let (client_id, fallback) = private_app::client_id();
+            if let Some(fallback) = fallback {
+                warn!(event = "config-notice", var = "DYNO", client_id = %client_id, notice = fallback);
+            }
+            let settings = RegistrationSettings {
+                extend_interval: options.private_tunnel_extend_interval,
+                retry_interval: options.private_tunnel_retry_interval,
+            };
+            for app in &discovery.private_apps {
+                match ApiClient::new(
+                    app,
+                    &client_id,
+                    options.private_tunnel_request_timeout,
+                    options.test_api_ca_file.as_deref(),
+                ) {
+                    Ok(api) => {
+                        info!(event = "private-tunnel-mode", addon = %app.name, api = %app.api_base_url);
+                        tunnels.registrations.push(Registration::new(
+                            &app.name,
+                            api,
+                            settings.clone(),
+                        ));
+                    }
+                    Err(setup_error) => {
+                        error!(event = "config-error", addon = %app.name, var = %app.conn_info_var, error = %setup_error)
+                    }
+                }
+            }
+        }
         for addon in discovery.addons {
             let mut bound = Vec::new();
             for forward in &addon.forwards {
@@ -124,7 +157,7 @@ impl Tunnels {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.listeners.is_empty()
+        self.listeners.is_empty() && self.registrations.is_empty()
     }
 
     /// Starts accepting and connecting; the returned handle stops it all.
@@ -139,7 +172,17 @@ impl Tunnels {
                 .iter()
                 .map(|s| (s.addon_name().to_owned(), s.sessions()))
                 .collect(),
+            registrations: self
+                .registrations
+                .iter()
+                .map(|r| (r.addon_name().to_owned(), r.registered()))
+                .collect(),
         };
+        for registration in self.registrations {
+            running
+                .tasks
+                .spawn(registration.run(running.stop_sessions.clone()));
+        }
         for (index, listener) in self.listeners {
             let sessions = self.supervisors[index].sessions();
             running.tasks.spawn(listener.serve(
@@ -168,6 +211,7 @@ pub struct Running {
     connections: TaskTracker,
     tasks: TaskTracker,
     sessions: Vec<(String, SessionSlot)>,
+    registrations: Vec<(String, tokio::sync::watch::Receiver<bool>)>,
 }
 
 impl Running {
@@ -178,6 +222,13 @@ impl Running {
         for (name, slot) in &self.sessions {
             let mut slot = slot.clone();
             let ready = tokio::time::timeout_at(deadline, slot.wait_for(Option::is_some)).await;
+            if !matches!(ready, Ok(Ok(_))) {
+                not_ready.push(name.clone());
+            }
+        }
+        for (name, registered) in &self.registrations {
+            let mut registered = registered.clone();
+            let ready = tokio::time::timeout_at(deadline, registered.wait_for(|r| *r)).await;
             if !matches!(ready, Ok(Ok(_))) {
                 not_ready.push(name.clone());
             }
@@ -257,7 +308,7 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 pub async fn bind_and_start(options: &Options) -> Option<Running> {
     let discovery = discover_from_env();
     report(&discovery);
-    let had_addons = !discovery.addons.is_empty() || discovery.errors().next().is_some();
+    let had_addons = !discovery.is_empty();
     let tunnels = Tunnels::bind(discovery, options).await;
     if tunnels.is_empty() {
         if had_addons {

@@ -10,6 +10,8 @@
 //! message.
 #![allow(dead_code)]
 
+pub mod api;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -1,0 +1,333 @@
+//! The private-app-tunnel client (CONTRACT.md §4). In this mode there is no SSH: the database in
+//! `P_URL` is reached directly once the add-on's network admits this dyno, which it does for a
+//! registration made through the add-on's API. We register before reporting ready, renew the
+//! registration (it lapses 75 min after the last renewal), and remove it at shutdown.
+//!
+//! The token (`CLIENT_APP_JWT`) goes into the Authorization header and nowhere else: errors are
+//! built from status codes and error kinds, never from request or response text.
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::StatusCode;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::PrivateApp;
+
+/// The add-on drops a registration this long after it was made or last renewed.
+const AUTO_DESTROY_DELAY: Duration = Duration::from_secs(4500);
+/// The deregistration runs in the last seconds before Heroku's SIGKILL.
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+/// First retries of a registration that failed on the network or with a 5xx.
+const REGISTER_RETRY_BASE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the add-on's API answered {status}")]
+    Status { status: StatusCode },
+    #[error("the add-on's API did not answer in time")]
+    Timeout,
+    #[error("could not reach the add-on's API: {0}")]
+    Network(String),
+}
+
+impl ApiError {
+    /// The API refused the request itself (bad or revoked token, unknown add-on): asking again
+    /// soon will not help.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ApiError::Status { status } if status.is_client_error())
+    }
+
+    fn status(&self) -> u16 {
+        match self {
+            ApiError::Status { status } => status.as_u16(),
+            _ => 0,
+        }
+    }
+
+    fn from_reqwest(error: reqwest::Error) -> ApiError {
+        if error.is_timeout() {
+            return ApiError::Timeout;
+        }
+        // The innermost cause says what happened (refused, reset, DNS, certificate) and, unlike
+        // reqwest's own text, carries no URL.
+        let mut cause: &dyn std::error::Error = &error;
+        while let Some(source) = cause.source() {
+            cause = source;
+        }
+        ApiError::Network(cause.to_string())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientSetupError {
+    #[error("BPG_TUNNEL_TEST_API_CA_FILE: cannot read {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("BPG_TUNNEL_TEST_API_CA_FILE: {0}; expected a PEM certificate")]
+    CaCert(String),
+    #[error("cannot set up the HTTPS client: {0}")]
+    Tls(String),
+}
+
+/// An HTTPS client for one add-on's API: rustls with the built-in web PKI roots (the static
+/// binary needs no system CA store), no redirects (they could carry the token elsewhere), and
+/// a timeout on every request.
+#[derive(Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    tunnels_url: url::Url,
+    client_id: String,
+}
+
+impl ApiClient {
+    pub fn new(
+        app: &PrivateApp,
+        client_id: &str,
+        request_timeout: Duration,
+        extra_ca: Option<&Path>,
+    ) -> Result<ApiClient, ClientSetupError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = extra_ca {
+            let pem = std::fs::read(path).map_err(|source| ClientSetupError::CaFile {
+                path: path.display().to_string(),
+                source,
+            })?;
+            for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
+                let cert: rustls::pki_types::CertificateDer =
+                    cert.map_err(|e| ClientSetupError::CaCert(e.to_string()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| ClientSetupError::CaCert(e.to_string()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(
+            rustls::crypto::ring::default_provider().into(),
+        )
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientSetupError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+        let mut bearer =
+            HeaderValue::from_str(&format!("Bearer {}", app.jwt.0.as_str())).map_err(|_| {
+                ClientSetupError::Tls("CLIENT_APP_JWT is not a valid header value".into())
+            })?;
+        bearer.set_sensitive(true);
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, bearer);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(request_timeout)
+            .timeout(request_timeout)
+            .user_agent(concat!("bpg-tunnel/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers)
+            .build()
+            .map_err(|e| ClientSetupError::Tls(ApiError::from_reqwest(e).to_string()))?;
+
+        let mut tunnels_url = app.api_base_url.clone();
+        tunnels_url
+            .path_segments_mut()
+            .map_err(|()| ClientSetupError::Tls("API_BASE_URL cannot be a base".into()))?
+            .extend(["heroku", "resources", &app.addon_id, "private-app-tunnels"]);
+        Ok(ApiClient {
+            http,
+            tunnels_url,
+            client_id: client_id.to_owned(),
+        })
+    }
+
+    /// Registers this dyno, or renews its registration (the same request).
+    pub async fn register(&self) -> Result<(), ApiError> {
+        let body = serde_json::json!({
+            "clientId": self.client_id,
+            "autoDestroyDelaySeconds": AUTO_DESTROY_DELAY.as_secs(),
+        });
+        let request = self
+            .http
+            .post(self.tunnels_url.clone())
+            .body(body.to_string());
+        check(request.send().await)
+    }
+
+    pub async fn deregister(&self) -> Result<(), ApiError> {
+        let mut url = self.tunnels_url.clone();
+        url.path_segments_mut()
+            .expect("checked in new")
+            .push(&self.client_id);
+        check(self.http.delete(url).send().await)
+    }
+}
+
+fn check(response: Result<reqwest::Response, reqwest::Error>) -> Result<(), ApiError> {
+    let response = response.map_err(ApiError::from_reqwest)?;
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(ApiError::Status { status })
+    }
+}
+
+/// `${DYNO}_${boot_id}`: unique per dyno and per boot, so a restarted dyno never deletes its
+/// successor's registration. Without DYNO (outside Heroku) the host name stands in.
+pub fn client_id() -> (String, Option<&'static str>) {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default();
+    let (dyno, fallback) = match std::env::var("DYNO") {
+        Ok(dyno) if !dyno.trim().is_empty() => (dyno.trim().to_owned(), None),
+        _ => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "unknown-host".into());
+            (
+                host,
+                Some("DYNO is not set (not on a Heroku dyno?); the client id uses the host name instead"),
+            )
+        }
+    };
+    (format!("{dyno}_{boot_id}"), fallback)
+}
+
+/// Timing of one registration; see [`crate::options::Options`].
+#[derive(Debug, Clone)]
+pub struct RegistrationSettings {
+    pub extend_interval: Duration,
+    pub retry_interval: Duration,
+}
+
+/// Keeps one add-on's registration for the life of the process.
+pub struct Registration {
+    addon: String,
+    api: ApiClient,
+    settings: RegistrationSettings,
+    registered: watch::Sender<bool>,
+}
+
+impl Registration {
+    pub fn new(addon: &str, api: ApiClient, settings: RegistrationSettings) -> Registration {
+        Registration {
+            addon: addon.to_owned(),
+            api,
+            settings,
+            registered: watch::Sender::new(false),
+        }
+    }
+
+    pub fn addon_name(&self) -> &str {
+        &self.addon
+    }
+
+    /// True once the first registration succeeded.
+    pub fn registered(&self) -> watch::Receiver<bool> {
+        self.registered.subscribe()
+    }
+
+    /// Registers, renews until `shutdown`, then deregisters (bounded, so it always fits in what
+    /// is left before the platform's SIGKILL).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let addon = self.addon.as_str();
+        let client_id = self.api.client_id.as_str();
+        let slow = self.settings.retry_interval;
+        let mut refusals = Backoff::new(slow, self.settings.extend_interval.max(slow));
+        let mut failures = Backoff::new(REGISTER_RETRY_BASE, slow);
+
+        // Register: quickly retried, since the app's first connections depend on it.
+        let mut last_ok = loop {
+            let started = Instant::now();
+            let error = match self.api.register().await {
+                Ok(()) => {
+                    info!(
+                        event = "private-tunnel-registered",
+                        addon,
+                        client_id,
+                        ms = started.elapsed().as_millis() as u64
+                    );
+                    self.registered.send_replace(true);
+                    break Instant::now();
+                }
+                Err(error) => error,
+            };
+            let delay = if error.is_refusal() {
+                refusals.next_delay().max(slow)
+            } else {
+                failures.next_delay()
+            };
+            if error.is_refusal() {
+                error!(event = "private-tunnel-register-failed", addon, status = error.status(), error = %error, retry_in_ms = delay.as_millis() as u64, "the token may be expired or revoked; the app runs, but the database will refuse it until a retry succeeds");
+            } else {
+                warn!(event = "private-tunnel-register-failed", addon, status = error.status(), error = %error, retry_in_ms = delay.as_millis() as u64);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => {
+                    // A request that timed out may still have registered us.
+                    self.deregister().await;
+                    return;
+                }
+            }
+        };
+
+        // Renew.
+        let mut next = last_ok + self.settings.extend_interval;
+        refusals.reset();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = shutdown.cancelled() => break,
+            }
+            match self.api.register().await {
+                Ok(()) => {
+                    info!(event = "private-tunnel-extended", addon, client_id);
+                    last_ok = Instant::now();
+                    refusals.reset();
+                    next = last_ok + self.settings.extend_interval;
+                }
+                Err(error) => {
+                    let expires_in = AUTO_DESTROY_DELAY.saturating_sub(last_ok.elapsed());
+                    let delay = if error.is_refusal() {
+                        refusals.next_delay().max(slow)
+                    } else {
+                        slow
+                    };
+                    warn!(event = "private-tunnel-extend-failed", addon, status = error.status(), error = %error, expires_in_s = expires_in.as_secs(), retry_in_s = delay.as_secs());
+                    next = Instant::now() + delay;
+                }
+            }
+        }
+        self.deregister().await;
+    }
+
+    async fn deregister(&self) {
+        let addon = self.addon.as_str();
+        match tokio::time::timeout(DEREGISTER_TIMEOUT, self.api.deregister()).await {
+            Ok(Ok(())) => info!(event = "private-tunnel-deregistered", addon),
+            Ok(Err(error)) => {
+                warn!(event = "private-tunnel-deregister-failed", addon, status = error.status(), error = %error, "the add-on drops the registration by itself within 75 min")
+            }
+            Err(_) => {
+                warn!(
+                    event = "private-tunnel-deregister-failed",
+                    addon,
+                    error = "no answer in time",
+                    timeout_ms = DEREGISTER_TIMEOUT.as_millis() as u64,
+                    "the add-on drops the registration by itself within 75 min"
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Private-app-tunnel mode against a fake of the add-on's API (HTTPS on loopback, a throwaway
+//! CA): the exact requests, retries, refusals, renewal, deregistration in each way the dyno can
+//! end, and an SSH add-on served alongside.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::api::{FakeApi, Reply, Request};
+use support::Tunnel;
+
+const T: Duration = Duration::from_secs(30);
+const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0ZXN0LWFwcCJ9.dGVzdC1zaWduYXR1cmUtc2VjcmV0";
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// The config vars of a private-app add-on under `prefix`, plus a private state dir and fast
+/// timings for the test.
+fn private_app(api: &FakeApi, prefix: &str, state: &Path) -> BTreeMap<String, String> {
+    let conn_info = format!(
+        "API_BASE_URL:={}|ADDON_ID:=addon-{}|CLIENT_APP_JWT:={JWT}",
+        api.base_url(),
+        prefix.to_ascii_lowercase()
+    );
+    [
+        (format!("{prefix}_TUNNEL_BPG_CONN_INFO"), conn_info),
+        (
+            format!("{prefix}_URL"),
+            "postgres://u:p@db.private.example:5432/db".to_owned(),
+        ),
+        (
+            "BPG_TUNNEL_TEST_API_CA_FILE".to_owned(),
+            api.ca_file().display().to_string(),
+        ),
+        (
+            "BPG_TUNNEL_STATE_DIR".to_owned(),
+            state.display().to_string(),
+        ),
+        (
+            "BPG_TUNNEL_PRIVATE_TUNNEL_REQUEST_TIMEOUT".to_owned(),
+            "1s".to_owned(),
+        ),
+        ("BPG_TUNNEL_LOG".to_owned(), "info".to_owned()),
+        ("DYNO".to_owned(), "web.1".to_owned()),
+    ]
+    .into_iter()
+    .collect()
+}
+
+fn tunnels_path(prefix: &str) -> String {
+    format!(
+        "/api/heroku/resources/addon-{}/private-app-tunnels",
+        prefix.to_ascii_lowercase()
+    )
+}
+
+fn assert_no_token(lines: &[String]) {
+    for line in lines {
+        assert!(!line.contains(JWT), "the token leaked: {line}");
+        assert!(!line.contains("dGVzdC1zaWduYXR1cmUtc2VjcmV0"), "{line}");
+    }
+}
+
+fn assert_register(request: &Request, prefix: &str) {
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.path, tunnels_path(prefix));
+    assert_headers(request);
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    let body: serde_json::Value = serde_json::from_str(&request.body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "clientId": format!("web.1_{}", boot_id()),
+            "autoDestroyDelaySeconds": 4500,
+        })
+    );
+}
+
+fn assert_headers(request: &Request) {
+    let bearer = format!("Bearer {JWT}");
+    assert_eq!(request.header("authorization"), Some(bearer.as_str()));
+    let agent = format!("bpg-tunnel/{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(request.header("user-agent"), Some(agent.as_str()));
+}
+
+fn index_of(lines: &[String], needle: &str) -> usize {
+    lines
+        .iter()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle} in {lines:#?}"))
+}
+
+#[test]
+fn register_extend_and_deregister_send_exactly_the_contract_requests() {
+    let api = FakeApi::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = private_app(&api, "DATABASE", state.path());
+    vars.insert(
+        "BPG_TUNNEL_PRIVATE_TUNNEL_EXTEND_INTERVAL".into(),
+        "400ms".into(),
+    );
+    let tunnel = Tunnel::spawn(vars.iter(), &[]);
+    tunnel.wait_for(&["event=private-tunnel-registered", "addon=DATABASE"], T);
+    tunnel.wait_for_nth(&["event=private-tunnel-extended"], 2, T);
+    tunnel.signal(libc::SIGTERM);
+    tunnel.wait_for(&["event=private-tunnel-deregistered"], T);
+    tunnel.wait_for(&["event=stopped"], T);
+
+    let requests = api.requests();
+    let (delete, posts) = requests.split_last().unwrap();
+    assert!(posts.len() >= 3, "{requests:#?}");
+    for post in posts {
+        assert_register(post, "DATABASE");
+    }
+    // Renewals come at the configured interval, not in a burst.
+    for pair in posts.windows(2) {
+        assert!(pair[1].at - pair[0].at >= Duration::from_millis(350));
+    }
+    assert_eq!(delete.method, "DELETE");
+    assert_eq!(
+        delete.path,
+        format!("{}/web.1_{}", tunnels_path("DATABASE"), boot_id())
+    );
+    assert_headers(delete);
+    assert_eq!(delete.body, "");
+    assert_no_token(&tunnel.lines());
+}
+
+#[test]
+fn registration_retries_a_5xx_a_hung_request_and_a_reset_before_start_reports_ready() {
+    let api = FakeApi::start();
+    api.script(&[Reply::Status(503), Reply::Hang, Reply::Reset]);
+    let state = tempfile::tempdir().unwrap();
+    let vars = private_app(&api, "DATABASE", state.path());
+    let started = Instant::now();
+    let dyno = Tunnel::bash(
+        vars.iter(),
+        "bpg-tunnel start --owner-pid $$; echo start-returned; sleep 30",
+    );
+    dyno.wait_for(&["start-returned"], T);
+    let took = started.elapsed();
+    let lines = dyno.lines();
+    assert!(
+        index_of(&lines, "event=private-tunnel-registered") < index_of(&lines, "start-returned"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("event=ready")),
+        "{lines:#?}"
+    );
+    let failures: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("event=private-tunnel-register-failed"))
+        .collect();
+    assert_eq!(failures.len(), 3, "{lines:#?}");
+    assert!(failures[0].contains("status=503"), "{}", failures[0]);
+    assert!(
+        failures[1].contains("did not answer in time"),
+        "{}",
+        failures[1]
+    );
+    let requests = api.requests();
+    assert_eq!(requests.len(), 4, "{requests:#?}");
+    for request in &requests {
+        assert_register(request, "DATABASE");
+    }
+    eprintln!(
+        "registered through 503, hang (1 s timeout) and reset; start returned after {took:?}"
+    );
+    assert_no_token(&lines);
+}
+
+#[test]
+fn a_refused_token_is_a_clear_error_the_app_still_boots_and_retries_continue() {
+    let api = FakeApi::start();
+    api.set_default(Reply::Status(401));
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = private_app(&api, "DATABASE", state.path());
+    vars.insert("BPG_TUNNEL_READY_TIMEOUT".into(), "1s".into());
+    vars.insert(
+        "BPG_TUNNEL_PRIVATE_TUNNEL_RETRY_INTERVAL".into(),
+        "1s".into(),
+    );
+    let dyno = Tunnel::bash(
+        vars.iter(),
+        "bpg-tunnel start --owner-pid $$; echo app-booted-$?; sleep 30",
+    );
+    dyno.wait_for(&["app-booted-0"], T);
+    let failed = dyno.wait_for(&["event=private-tunnel-register-failed"], T);
+    assert!(failed.contains("level=error"), "{failed}");
+    assert!(failed.contains("status=401"), "{failed}");
+    assert!(failed.contains("expired or revoked"), "{failed}");
+    dyno.wait_for(&["event=not-ready", "DATABASE"], T);
+
+    // Once the token is good again (say, the add-on rotated it), the next retry registers.
+    api.set_default(Reply::Status(201));
+    dyno.wait_for(&["event=private-tunnel-registered"], T);
+    let requests = api.requests();
+    assert!(requests.len() >= 2);
+    assert!(
+        requests[1].at - requests[0].at >= Duration::from_millis(950),
+        "a refusal is not retried at once"
+    );
+    assert_no_token(&dyno.lines());
+}
+
+#[test]
+fn a_failed_renewal_says_when_the_registration_expires_and_is_retried() {
+    let api = FakeApi::start();
+    api.script(&[Reply::Status(201), Reply::Status(500)]);
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = private_app(&api, "DATABASE", state.path());
+    vars.insert(
+        "BPG_TUNNEL_PRIVATE_TUNNEL_EXTEND_INTERVAL".into(),
+        "300ms".into(),
+    );
+    vars.insert(
+        "BPG_TUNNEL_PRIVATE_TUNNEL_RETRY_INTERVAL".into(),
+        "500ms".into(),
+    );
+    let tunnel = Tunnel::spawn(vars.iter(), &[]);
+    let failed = tunnel.wait_for(&["event=private-tunnel-extend-failed"], T);
+    assert!(failed.contains("status=500"), "{failed}");
+    assert!(failed.contains("expires_in_s=449"), "{failed}");
+    tunnel.wait_for(&["event=private-tunnel-extended"], T);
+    let requests = api.requests();
+    assert!(requests[2].at - requests[1].at >= Duration::from_millis(450));
+    assert_no_token(&tunnel.lines());
+}
+
+#[test]
+fn deregisters_when_the_app_exits_after_a_sigterm_drain_and_when_a_one_off_ends() {
+    // A web dyno: SIGTERM, the app drains for 1.5 s, exits; the registration goes with it.
+    let api = FakeApi::start();
+    let state = tempfile::tempdir().unwrap();
+    let vars = private_app(&api, "DATABASE", state.path());
+    let mut dyno = Tunnel::bash(
+        vars.iter(),
+        "trap 'sleep 1.5; exit 0' TERM; bpg-tunnel start --owner-pid $$; echo booted; while true; do sleep 0.1; done",
+    );
+    dyno.wait_for(&["booted"], T);
+    let daemon: i32 = std::fs::read_to_string(state.path().join("bpg-tunnel.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let signalled = Instant::now();
+    unsafe {
+        libc::kill(-dyno.pid(), libc::SIGTERM);
+        libc::kill(daemon, libc::SIGTERM);
+    }
+    dyno.wait_exit(T).unwrap();
+    dyno.wait_for(&["event=private-tunnel-deregistered"], T);
+    let requests = api.requests();
+    let delete = requests.last().unwrap();
+    assert_eq!(delete.method, "DELETE");
+    let after = delete.at - signalled;
+    assert!(
+        after >= Duration::from_millis(1400),
+        "not before the app is gone: {after:?}"
+    );
+    assert!(after < Duration::from_secs(5), "{after:?}");
+
+    // A one-off dyno: the command ends without any signal.
+    let api = FakeApi::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = private_app(&api, "DATABASE", state.path());
+    vars.insert("BPG_TUNNEL_GRACE".into(), "500ms".into());
+    let mut dyno = Tunnel::bash(
+        vars.iter(),
+        "bpg-tunnel start --owner-pid $$; echo migrated",
+    );
+    dyno.wait_exit(T).unwrap();
+    dyno.wait_for(&["event=private-tunnel-deregistered"], T);
+    let methods: Vec<String> = api.requests().iter().map(|r| r.method.clone()).collect();
+    assert_eq!(methods, ["POST", "DELETE"]);
+    assert_no_token(&dyno.lines());
+}
+
+#[test]
+fn a_hung_api_at_shutdown_cannot_hold_the_dyno_past_its_deadline() {
+    let api = FakeApi::start();
+    api.script(&[Reply::Status(201)]);
+    api.set_default(Reply::Hang);
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = private_app(&api, "DATABASE", state.path());
+    vars.insert(
+        "BPG_TUNNEL_PRIVATE_TUNNEL_REQUEST_TIMEOUT".into(),
+        "30s".into(),
+    );
+    let mut tunnel = Tunnel::spawn(vars.iter(), &[]);
+    tunnel.wait_for(&["event=private-tunnel-registered"], T);
+    let signalled = Instant::now();
+    tunnel.signal(libc::SIGTERM);
+    tunnel.wait_exit(T).expect("exits");
+    let took = signalled.elapsed();
+    let line = tunnel.wait_for(&["event=private-tunnel-deregister-failed"], T);
+    assert!(line.contains("75 min"), "{line}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn an_ssh_addon_and_a_private_app_addon_at_once_each_work() {
+    let Some(lab) = support::lab() else { return };
+    let api = FakeApi::start();
+    let state = tempfile::tempdir().unwrap();
+    let db = lab.attachment("DATABASE");
+    let mut vars = private_app(&api, "BOREALIS_PG_RED", state.path());
+    vars.extend(db.vars.clone());
+    let tunnel = Tunnel::spawn(vars.iter(), &[]);
+    tunnel.wait_for(
+        &["event=private-tunnel-registered", "addon=BOREALIS_PG_RED"],
+        T,
+    );
+    tunnel.wait_for(&["event=ssh-connected", "addon=DATABASE"], T);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(
+        rt.block_on(support::server_addr(db.writer_port)).unwrap(),
+        "127.0.0.1"
+    );
+    assert_register(&api.requests()[0], "BOREALIS_PG_RED");
+    assert_eq!(
+        tunnel.count("event=config-error"),
+        0,
+        "{:#?}",
+        tunnel.lines()
+    );
+    assert_no_token(&tunnel.lines());
+}
