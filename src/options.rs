@@ -51,7 +51,7 @@ pub struct Options {
 
     /// Private-app-tunnel mode: how often the dyno's registration is renewed (the add-on drops
     /// it 75 min after the last renewal).
-    #[arg(long, env = "BPG_TUNNEL_PRIVATE_TUNNEL_EXTEND_INTERVAL", default_value = "65m", value_parser = parse_positive_duration)]
+    #[arg(long, env = "BPG_TUNNEL_PRIVATE_TUNNEL_EXTEND_INTERVAL", default_value = "65m", value_parser = parse_extend_interval)]
     pub private_tunnel_extend_interval: Duration,
 
     /// Private-app-tunnel mode: pause before retrying a renewal that failed on the network or
@@ -127,6 +127,18 @@ impl Options {
             .or_else(|| std::env::var("RUST_LOG").ok())
             .unwrap_or_else(|| "info".to_owned())
     }
+}
+
+/// A renewal period the add-on's 75 min expiry leaves room for.
+pub fn parse_extend_interval(raw: &str) -> Result<Duration, String> {
+    let interval = parse_positive_duration(raw)?;
+    if interval >= Duration::from_secs(75 * 60) {
+        return Err(
+            "expected less than 75m: the add-on drops a registration 75 min after its last renewal"
+                .into(),
+        );
+    }
+    Ok(interval)
 }
 
 /// Like [`parse_duration`], but zero is refused (a zero connect timeout or keepalive interval

@@ -40,7 +40,10 @@ impl ApiError {
     /// The API refused the request itself (bad or revoked token, unknown add-on): asking again
     /// soon will not help.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, ApiError::Status { status } if status.is_client_error())
+        // 408 and 429 say "not now", not "never".
+        matches!(self, ApiError::Status { status } if status.is_client_error()
+            && *status != StatusCode::REQUEST_TIMEOUT
+            && *status != StatusCode::TOO_MANY_REQUESTS)
     }
 
     fn status(&self) -> u16 {
@@ -117,10 +120,10 @@ impl ApiClient {
         .with_root_certificates(roots)
         .with_no_client_auth();
 
-        let mut bearer =
-            HeaderValue::from_str(&format!("Bearer {}", app.jwt.0.as_str())).map_err(|_| {
-                ClientSetupError::Tls("CLIENT_APP_JWT is not a valid header value".into())
-            })?;
+        let bearer_text = zeroize::Zeroizing::new(format!("Bearer {}", app.jwt.0.as_str()));
+        let mut bearer = HeaderValue::from_str(&bearer_text).map_err(|_| {
+            ClientSetupError::Tls("CLIENT_APP_JWT is not a valid header value".into())
+        })?;
         bearer.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, bearer);
@@ -249,7 +252,12 @@ impl Registration {
         // Register: quickly retried, since the app's first connections depend on it.
         let mut last_ok = loop {
             let started = Instant::now();
-            let error = match self.api.register().await {
+            let Some(result) = self.unless_stopping(&shutdown, self.api.register()).await else {
+                // A request cut short may still have registered us.
+                self.deregister().await;
+                return;
+            };
+            let error = match result {
                 Ok(()) => {
                     info!(
                         event = "private-tunnel-registered",
@@ -290,7 +298,10 @@ impl Registration {
                 () = tokio::time::sleep_until(next) => {}
                 () = shutdown.cancelled() => break,
             }
-            match self.api.register().await {
+            let Some(result) = self.unless_stopping(&shutdown, self.api.register()).await else {
+                break;
+            };
+            match result {
                 Ok(()) => {
                     info!(event = "private-tunnel-extended", addon, client_id);
                     last_ok = Instant::now();
@@ -310,6 +321,19 @@ impl Registration {
             }
         }
         self.deregister().await;
+    }
+
+    /// `request`, unless shutdown comes first: the deregistration must not wait behind a slow
+    /// renewal, or the process would be stopped before it is sent.
+    async fn unless_stopping<F: std::future::Future>(
+        &self,
+        shutdown: &CancellationToken,
+        request: F,
+    ) -> Option<F::Output> {
+        tokio::select! {
+            output = request => Some(output),
+            () = shutdown.cancelled() => None,
+        }
     }
 
     async fn deregister(&self) {

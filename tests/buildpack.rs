@@ -283,7 +283,7 @@ echo app-exiting
         assert!(out.contains(expected), "{expected} missing:\n{out}");
     }
     assert!(
-        wait_gone(daemon, Duration::from_secs(3)),
+        wait_gone(daemon, Duration::from_secs(8)),
         "daemon follows the app"
     );
 }
@@ -441,6 +441,8 @@ psql "$APP_URL" -XAtc "select 1" >/dev/null && echo later-query-ok'"#;
     let mut bash = Command::new("bash");
     bash.args(["-c", launcher]);
     let mut container = Tunnel::command(bash, vars.iter());
+    container.wait_for(&["first-query-ok"], T);
+    let daemon = daemon_pid(state.path()).expect("exec.d started the daemon");
     let status = container.wait_exit(T).expect("the app finishes");
     let lines = container.lines();
     let out = lines.join("\n");
@@ -457,9 +459,7 @@ psql "$APP_URL" -XAtc "select 1" >/dev/null && echo later-query-ok'"#;
     assert!(out.contains("later-query-ok"), "{out}");
     assert_eq!(container.count("event=already-running"), 1, "{out}");
     assert_eq!(container.count("event=ssh-connected"), 1, "{out}");
-    if let Some(daemon) = daemon_pid(state.path()) {
-        assert!(wait_gone(daemon, Duration::from_secs(5)), "follows the app");
-    }
+    assert!(wait_gone(daemon, Duration::from_secs(8)), "follows the app");
 }
 
 fn support_field<'a>(line: &'a str, key: &str) -> &'a str {

@@ -30,6 +30,7 @@ bpg_fetch() {
 
 bpg_install() {
   local dest=$1 cache=$2 url=$3 sha=$4 version
+  BPG_URL_OVERRIDE=$url
   version=$(bpg_pin version)
   if [ -z "$url" ]; then
     url=$(bpg_pin url)
@@ -38,7 +39,14 @@ bpg_install() {
   else
     version="from $(bpg_redact "$url")"
   fi
+  local sha_source="BPG_TUNNEL_BINARY_SHA256"
+  if [ -z "$BPG_URL_OVERRIDE" ]; then sha_source="the sha256 in bpg-tunnel.pin"; fi
   if [ -z "$sha" ]; then
+    case "$url" in
+      *\?*) bpg_fail "BPG_TUNNEL_BINARY_URL has a query string, so no .sha256 can be fetched next to it." \
+        "Set BPG_TUNNEL_BINARY_SHA256 to the SHA-256 of the tarball." ;;
+    esac
+    sha_source="$(bpg_redact "$url").sha256"
     local sums
     sums=$(mktemp)
     if ! bpg_fetch "$url.sha256" "$sums"; then
@@ -51,9 +59,9 @@ bpg_install() {
   fi
   sha=$(echo "$sha" | tr 'A-F' 'a-f')
   case "$sha" in
-    *[!0-9a-f]* | "") bpg_fail "BPG_TUNNEL_BINARY_SHA256 is not a SHA-256: expected 64 hex digits." ;;
+    *[!0-9a-f]* | "") bpg_fail "$sha_source is not a SHA-256: expected 64 hex digits." ;;
   esac
-  [ ${#sha} -eq 64 ] || bpg_fail "BPG_TUNNEL_BINARY_SHA256 is not a SHA-256: expected 64 hex digits, got ${#sha}."
+  [ ${#sha} -eq 64 ] || bpg_fail "$sha_source is not a SHA-256: expected 64 hex digits, got ${#sha}."
 
   mkdir -p "$cache/bpg-tunnel" "$dest"
   local tarball="$cache/bpg-tunnel/$sha.tar.gz"

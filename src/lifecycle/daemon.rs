@@ -257,13 +257,16 @@ pub async fn serve_for_owner(
         deadline_ms = options.drain_timeout.as_millis() as u64,
         "serving until the app exits"
     );
-    let deadline = tokio::time::sleep(options.drain_timeout);
+    let deadline_at = tokio::time::Instant::now() + options.drain_timeout;
+    let deadline = tokio::time::sleep_until(deadline_at);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
             () = owner.exited() => {
                 info!(event = "owner-exited", owner = owner.pid(), open_connections = running.open_connections());
-                running.shutdown(grace).await;
+                // Never past the drain deadline: what follows it must fit before the SIGKILL.
+                let left = deadline_at.saturating_duration_since(tokio::time::Instant::now());
+                running.shutdown(grace.min(left)).await;
                 break;
             }
             () = &mut deadline => {
