@@ -252,7 +252,7 @@ impl Registration {
         // Register: quickly retried, since the app's first connections depend on it.
         let mut last_ok = loop {
             let started = Instant::now();
-            let Some(result) = self.unless_stopping(&shutdown, self.api.register()).await else {
+            let Some(result) = Self::unless_stopping(&shutdown, self.api.register()).await else {
                 // A request cut short may still have registered us.
                 self.deregister().await;
                 return;
@@ -298,7 +298,7 @@ impl Registration {
                 () = tokio::time::sleep_until(next) => {}
                 () = shutdown.cancelled() => break,
             }
-            let Some(result) = self.unless_stopping(&shutdown, self.api.register()).await else {
+            let Some(result) = Self::unless_stopping(&shutdown, self.api.register()).await else {
                 break;
             };
             match result {
@@ -326,7 +326,6 @@ impl Registration {
     /// `request`, unless shutdown comes first: the deregistration must not wait behind a slow
     /// renewal, or the process would be stopped before it is sent.
     async fn unless_stopping<F: std::future::Future>(
-        &self,
         shutdown: &CancellationToken,
         request: F,
     ) -> Option<F::Output> {

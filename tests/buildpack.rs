@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::{process_alive, psql_url, Tunnel};
+use support::{daemon_pid, field, psql_url, wait_gone, Tunnel};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -61,23 +61,6 @@ fn compile(build: &Path, cache: &Path, env_dir: &Path, url: Option<&str>) -> Out
         compile.env("BPG_TUNNEL_BINARY_URL", url);
     }
     compile.output().unwrap()
-}
-
-fn daemon_pid(state: &Path) -> Option<i32> {
-    std::fs::read_to_string(state.join("bpg-tunnel.pid"))
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-}
-
-fn wait_gone(pid: i32, timeout: Duration) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < timeout {
-        if !process_alive(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
 }
 
 /// The add-on's config vars for a dyno, with a private state dir so parallel tests never meet.
@@ -283,7 +266,7 @@ echo app-exiting
         assert!(out.contains(expected), "{expected} missing:\n{out}");
     }
     assert!(
-        wait_gone(daemon, Duration::from_secs(8)),
+        wait_gone(daemon, Duration::from_secs(8)).is_some(),
         "daemon follows the app"
     );
 }
@@ -451,7 +434,7 @@ psql "$APP_URL" -XAtc "select 1" >/dev/null && echo later-query-ok'"#;
     assert_eq!(runs.len(), 2, "{out}");
     for run in &runs {
         assert!(run.contains(" rc=0 ") && run.ends_with("fd3=[]"), "{out}");
-        let ms: u64 = support_field(run, "ms").parse().unwrap();
+        let ms: u64 = field(run, "ms").parse().unwrap();
         assert!(ms < 10_000, "exec.d returns promptly: {run}");
     }
     eprintln!("exec.d: {}", runs[0]);
@@ -459,13 +442,10 @@ psql "$APP_URL" -XAtc "select 1" >/dev/null && echo later-query-ok'"#;
     assert!(out.contains("later-query-ok"), "{out}");
     assert_eq!(container.count("event=already-running"), 1, "{out}");
     assert_eq!(container.count("event=ssh-connected"), 1, "{out}");
-    assert!(wait_gone(daemon, Duration::from_secs(8)), "follows the app");
-}
-
-fn support_field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or("")
+    assert!(
+        wait_gone(daemon, Duration::from_secs(8)).is_some(),
+        "follows the app"
+    );
 }
 
 /// A Dockerfile instruction's exec-form (JSON array of plain strings) arguments.

@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use support::{process_alive, psql_url, Tunnel};
+use support::{daemon_pid, psql_url, wait_gone, Tunnel};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -22,23 +22,6 @@ fn dyno_vars(lab: &support::Lab, state: &tempfile::TempDir) -> (BTreeMap<String,
     vars.insert("BPG_TUNNEL_LOG".into(), "info".into());
     vars.insert("APP_URL".into(), psql_url(&db.vars["DATABASE_URL"]));
     (vars, db.vars["DATABASE_URL"].clone())
-}
-
-fn daemon_pid(state: &tempfile::TempDir) -> Option<i32> {
-    std::fs::read_to_string(state.path().join("bpg-tunnel.pid"))
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-}
-
-fn wait_gone(pid: i32, timeout: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    while started.elapsed() < timeout {
-        if !process_alive(pid) {
-            return Some(started.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
 }
 
 #[test]
@@ -63,7 +46,7 @@ fn boot_the_apps_first_query_succeeds_twenty_times_in_a_row() {
                 .unwrap_or("?")
                 .to_owned(),
         );
-        let pid = daemon_pid(&state);
+        let pid = daemon_pid(state.path());
         if let Some(pid) = pid {
             assert!(
                 wait_gone(pid, Duration::from_secs(5)).is_some(),
@@ -96,7 +79,7 @@ wait
 echo app-exiting"#,
     );
     dyno.wait_for(&["app-booted"], T);
-    let daemon = daemon_pid(&state).expect("daemon pid file");
+    let daemon = daemon_pid(state.path()).expect("daemon pid file");
     std::thread::sleep(Duration::from_millis(800));
     // Heroku signals every process in the dyno: the app's group and the daemon's session.
     unsafe {
@@ -130,7 +113,7 @@ fn deadline_the_daemon_leaves_by_the_drain_timeout_if_the_app_ignores_sigterm() 
         "trap '' TERM; bpg-tunnel start --owner-pid $$; echo app-booted; sleep 60",
     );
     dyno.wait_for(&["app-booted"], T);
-    let daemon = daemon_pid(&state).unwrap();
+    let daemon = daemon_pid(state.path()).unwrap();
     let signalled = Instant::now();
     unsafe { libc::kill(daemon, libc::SIGTERM) };
     wait_gone(daemon, Duration::from_secs(6)).expect("daemon leaves at the drain timeout");
@@ -184,7 +167,7 @@ fn start_is_idempotent_ignores_a_stale_pid_file_and_never_blocks_the_boot() {
     assert_eq!(dyno.count("event=already-running"), 1);
     assert_eq!(dyno.count("event=ssh-connected"), 1);
     assert!(dyno.lines().iter().any(|l| l == "ok"));
-    let daemon = daemon_pid(&state).unwrap();
+    let daemon = daemon_pid(state.path()).unwrap();
     assert_ne!(daemon, 4_000_000);
     unsafe { libc::kill(daemon, libc::SIGHUP) };
     wait_gone(daemon, Duration::from_secs(5)).unwrap();

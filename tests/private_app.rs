@@ -228,12 +228,7 @@ fn a_failed_renewal_says_when_the_registration_expires_and_is_retried() {
     let tunnel = Tunnel::spawn(vars.iter(), &[]);
     let failed = tunnel.wait_for(&["event=private-tunnel-extend-failed"], T);
     assert!(failed.contains("status=500"), "{failed}");
-    let expires_in: u64 = failed
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("expires_in_s="))
-        .expect(&failed)
-        .parse()
-        .unwrap();
+    let expires_in: u64 = support::field(&failed, "expires_in_s").parse().unwrap();
     // 4500 s after the registration, less the ~0.3 s since.
     assert!((4498..=4499).contains(&expires_in), "{failed}");
     tunnel.wait_for(&["event=private-tunnel-extended"], T);
@@ -253,11 +248,7 @@ fn deregisters_when_the_app_exits_after_a_sigterm_drain_and_when_a_one_off_ends(
         "trap 'sleep 1.5; exit 0' TERM; bpg-tunnel start --owner-pid $$; echo booted; while true; do sleep 0.1; done",
     );
     dyno.wait_for(&["booted"], T);
-    let daemon: i32 = std::fs::read_to_string(state.path().join("bpg-tunnel.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let daemon = support::daemon_pid(state.path()).expect("daemon pid file");
     let signalled = Instant::now();
     unsafe {
         libc::kill(-dyno.pid(), libc::SIGTERM);

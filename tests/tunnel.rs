@@ -4,7 +4,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{connect, server_addr, KeyKind, Tunnel};
+use support::{connect, field, server_addr, KeyKind, Tunnel};
 
 const START: Duration = Duration::from_secs(20);
 
@@ -297,12 +297,6 @@ async fn secrets_never_reach_the_logs() {
             "secret {secret:?} in output:\n{output}"
         );
     }
-}
-
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|pair| pair.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

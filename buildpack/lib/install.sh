@@ -29,18 +29,18 @@ bpg_fetch() {
 }
 
 bpg_install() {
-  local dest=$1 cache=$2 url=$3 sha=$4 version
-  BPG_URL_OVERRIDE=$url
+  local dest=$1 cache=$2 url=$3 sha=$4 version sha_source="BPG_TUNNEL_BINARY_SHA256"
   version=$(bpg_pin version)
   if [ -z "$url" ]; then
     url=$(bpg_pin url)
     url=${url//\{version\}/$version}
-    sha=${sha:-$(bpg_pin sha256)}
+    if [ -z "$sha" ]; then
+      sha=$(bpg_pin sha256)
+      sha_source="the sha256 in bpg-tunnel.pin"
+    fi
   else
     version="from $(bpg_redact "$url")"
   fi
-  local sha_source="BPG_TUNNEL_BINARY_SHA256"
-  if [ -z "$BPG_URL_OVERRIDE" ]; then sha_source="the sha256 in bpg-tunnel.pin"; fi
   if [ -z "$sha" ]; then
     case "$url" in
       *\?*) bpg_fail "BPG_TUNNEL_BINARY_URL has a query string, so no .sha256 can be fetched next to it." \

@@ -912,6 +912,32 @@ pub fn psql_url(url: &str) -> String {
     format!("{url}?hostaddr=127.0.0.1")
 }
 
+/// The pid the daemon wrote into its pid file under `state` (its `BPG_TUNNEL_STATE_DIR`).
+pub fn daemon_pid(state: &Path) -> Option<i32> {
+    std::fs::read_to_string(state.join("bpg-tunnel.pid"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+/// How long `pid` took to exit, or `None` if it is still there after `timeout`.
+pub fn wait_gone(pid: i32, timeout: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if !process_alive(pid) {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// The value of `key` in a logfmt-style line.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|pair| pair.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
 pub fn process_alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         !stat
