@@ -1,0 +1,639 @@
+//! bpg-tunnel against the tunnel it replaces, OpenSSH `ssh -L` under autossh, both through the
+//! same sshd to the same PostgreSQL, with a direct connection as the physical limit.
+//!
+//! Run it with `make bench` (full: about 5 minutes) or `make bench-smoke` (what CI runs, so the
+//! benchmark cannot rot). Contenders take turns within each round (A/B, then B/A) so drift on
+//! a shared machine hits both alike, and the table shows medians over the rounds.
+//!
+//! Options (after `--`): `--smoke`, `--rounds N`, `--seconds S` (per pgbench run),
+//! `--copy-mb M`, `--idle N` (connections held open for the memory figure).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Lab, Tunnel, DB_PASSWORD};
+
+struct Options {
+    smoke: bool,
+    rounds: usize,
+    seconds: u32,
+    copy_mb: u64,
+    idle: usize,
+    pgbench_scale: u32,
+}
+
+impl Options {
+    fn parse() -> Options {
+        let mut args = std::env::args().skip(1);
+        let mut options = Options {
+            smoke: false,
+            rounds: 5,
+            seconds: 6,
+            copy_mb: 300,
+            idle: 200,
+            pgbench_scale: 10,
+        };
+        let number = |flag: &str, value: Option<String>| -> u64 {
+            value
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{flag} needs a whole number"))
+        };
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--smoke" => {
+                    options = Options {
+                        smoke: true,
+                        rounds: 1,
+                        seconds: 1,
+                        copy_mb: 5,
+                        idle: 20,
+                        pgbench_scale: 1,
+                    }
+                }
+                "--rounds" => options.rounds = number(&arg, args.next()) as usize,
+                "--seconds" => options.seconds = number(&arg, args.next()) as u32,
+                "--copy-mb" => options.copy_mb = number(&arg, args.next()),
+                "--idle" => options.idle = number(&arg, args.next()) as usize,
+                // cargo bench passes this to every bench target.
+                "--bench" => {}
+                other => panic!("unknown option {other}"),
+            }
+        }
+        options
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Contender {
+    Direct,
+    Ssh,
+    Bpg,
+}
+
+impl Contender {
+    fn label(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct",
+            Contender::Ssh => "ssh -L",
+            Contender::Bpg => "bpg-tunnel",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Metric {
+    SelectTps,
+    SelectP50,
+    SelectP99,
+    ConnectTps,
+    ConnectMs,
+    CopyMbps,
+    CpuPerGb,
+    IdleRss,
+    ConnsRss,
+    FirstQuery,
+}
+
+impl Metric {
+    const ALL: [Metric; 10] = [
+        Metric::SelectTps,
+        Metric::SelectP50,
+        Metric::SelectP99,
+        Metric::ConnectTps,
+        Metric::ConnectMs,
+        Metric::CopyMbps,
+        Metric::CpuPerGb,
+        Metric::IdleRss,
+        Metric::ConnsRss,
+        Metric::FirstQuery,
+    ];
+
+    fn label(self, options: &Options) -> String {
+        match self {
+            Metric::SelectTps => "select-only, 8 clients: tps".into(),
+            Metric::SelectP50 => "select-only: p50 latency ms".into(),
+            Metric::SelectP99 => "select-only: p99 latency ms".into(),
+            Metric::ConnectTps => "new connection per tx (-C): tps".into(),
+            Metric::ConnectMs => "-C: average connect ms".into(),
+            Metric::CopyMbps => format!("COPY TO STDOUT {} MB: MB/s", options.copy_mb),
+            Metric::CpuPerGb => "tunnel CPU s per GB (COPY)".into(),
+            Metric::IdleRss => "tunnel RSS idle, MB".into(),
+            Metric::ConnsRss => format!("tunnel RSS, {} open conns, MB", options.idle),
+            Metric::FirstQuery => "process start to first query, ms".into(),
+        }
+    }
+
+    /// The issue's target for bpg-tunnel / ssh, and whether higher is better.
+    fn target(self) -> Option<(f64, bool)> {
+        match self {
+            Metric::SelectTps => Some((1.2, true)),
+            Metric::ConnectTps => Some((2.5, true)),
+            Metric::CopyMbps => Some((1.2, true)),
+            Metric::SelectP99 => Some((1.0, false)),
+            Metric::IdleRss | Metric::ConnsRss => Some((0.5, false)),
+            _ => None,
+        }
+    }
+}
+
+type Results = BTreeMap<(Metric, Contender), Vec<f64>>;
+
+fn main() {
+    let options = Options::parse();
+    let started = Instant::now();
+    let Some(lab) = support::lab() else {
+        std::process::exit(1);
+    };
+    for tool in ["autossh", "ssh", "pgbench", "psql"] {
+        assert!(
+            support::which(tool).is_some(),
+            "{tool} not found: run scripts/bench.sh (it installs what the benchmark needs)"
+        );
+    }
+    let tunnel = support::tunnel_binary();
+    println!(
+        "bpg-tunnel {} ({}), {}, PostgreSQL on 127.0.0.1:{}, sshd on 127.0.0.1:{}",
+        version(&tunnel, "--version"),
+        tunnel.display(),
+        version(Path::new("ssh"), "-V"),
+        lab.pg.port,
+        lab.sshd.port
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("bpg-bench-")
+        .tempdir()
+        .unwrap();
+    let copy_bytes = prepare_database(&lab, &options);
+    println!(
+        "data: pgbench scale {}, COPY of {:.0} MB; {} rounds, {} s per pgbench run",
+        options.pgbench_scale,
+        copy_bytes as f64 / 1e6,
+        options.rounds,
+        options.seconds
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let mut results = Results::new();
+    for round in 0..options.rounds {
+        let order = if round % 2 == 0 {
+            [Contender::Direct, Contender::Ssh, Contender::Bpg]
+        } else {
+            [Contender::Direct, Contender::Bpg, Contender::Ssh]
+        };
+        for contender in order {
+            let mut record = |metric, value: f64| {
+                assert!(
+                    value.is_finite() && value > 0.0,
+                    "{} {metric:?}: measured {value}",
+                    contender.label()
+                );
+                results
+                    .entry((metric, contender))
+                    .or_default()
+                    .push(value);
+            };
+            let spawned = Instant::now();
+            let running = match contender {
+                Contender::Direct => Running::Direct(lab.pg.port),
+                Contender::Ssh => Running::ssh(&lab, dir.path()),
+                Contender::Bpg => Running::bpg(&lab),
+            };
+            let port = running.port();
+            if contender != Contender::Direct {
+                let first = runtime.block_on(first_query(port, spawned));
+                record(Metric::FirstQuery, first.as_secs_f64() * 1e3);
+                std::thread::sleep(Duration::from_millis(300));
+                record(Metric::IdleRss, rss_mb(&running.pids()));
+            }
+
+            let select = pgbench(port, &["-S", "-c", "8", "-j", "2"], &options, dir.path());
+            record(Metric::SelectTps, select.tps);
+            record(Metric::SelectP50, select.p50_ms);
+            record(Metric::SelectP99, select.p99_ms);
+
+            let connect = pgbench(
+                port,
+                &["-S", "-C", "-c", "8", "-j", "2"],
+                &options,
+                dir.path(),
+            );
+            record(Metric::ConnectTps, connect.tps);
+            record(Metric::ConnectMs, connect.connect_ms);
+
+            let cpu_before = cpu_seconds(&running.pids());
+            let copy_started = Instant::now();
+            let copied = copy_out(port);
+            let copy_time = copy_started.elapsed();
+            let cpu = cpu_seconds(&running.pids()) - cpu_before;
+            assert_eq!(copied, copy_bytes, "{}: COPY came short", contender.label());
+            record(Metric::CopyMbps, copied as f64 / 1e6 / copy_time.as_secs_f64());
+            if contender != Contender::Direct {
+                // Clock ticks are 10 ms: a smoke-sized copy may use less than one.
+                record(
+                    Metric::CpuPerGb,
+                    (cpu / (copied as f64 / 1e9)).max(f64::MIN_POSITIVE),
+                );
+                let rss = runtime.block_on(hold_connections(port, options.idle, &running));
+                record(Metric::ConnsRss, rss);
+            }
+            drop(running);
+        }
+        println!(
+            "round {}/{} done at {:.0} s",
+            round + 1,
+            options.rounds,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    print_table(&results, &options);
+    println!("total time: {:.0} s", started.elapsed().as_secs_f64());
+}
+
+fn version(program: &Path, flag: &str) -> String {
+    let output = Command::new(program).arg(flag).output().unwrap();
+    let text = [output.stdout, output.stderr].concat();
+    String::from_utf8_lossy(&text).trim().to_owned()
+}
+
+/// pgbench's tables, and a table whose text COPY is `copy_mb` megabytes; returns its exact size.
+fn prepare_database(lab: &Lab, options: &Options) -> u64 {
+    let output = Command::new("pgbench")
+        .args(["-i", "-q", "-s", &options.pgbench_scale.to_string()])
+        .args(connection_args(lab.pg.port))
+        .arg("postgres")
+        .env("PGPASSWORD", DB_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "pgbench -i failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Each row prints as about 250 bytes; generated once, so COPY measures the tunnel rather
+    // than the generator.
+    let rows = options.copy_mb * 1_000_000 / 250;
+    psql(
+        lab.pg.port,
+        &format!(
+            "create unlogged table bulk as select g as id, md5(g::text) as tag, repeat('x', 200) as body \
+             from generate_series(1, {rows}) g"
+        ),
+    );
+    psql(lab.pg.port, "vacuum analyze bulk");
+    copy_out(lab.pg.port)
+}
+
+fn connection_args(port: u16) -> Vec<String> {
+    ["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn psql(port: u16, sql: &str) {
+    let output = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-c", sql])
+        .args(connection_args(port))
+        .env("PGPASSWORD", DB_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs `COPY bulk TO STDOUT` with psql, the way an app's libpq would, and counts the bytes.
+fn copy_out(port: u16) -> u64 {
+    let mut child = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"])
+        .args(["-c", "copy bulk to stdout"])
+        .args(connection_args(port))
+        .env("PGPASSWORD", DB_PASSWORD)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buffer = vec![0; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        match stdout.read(&mut buffer).unwrap() {
+            0 => break,
+            n => total += n as u64,
+        }
+    }
+    assert!(child.wait().unwrap().success(), "COPY through {port} failed");
+    total
+}
+
+struct Pgbench {
+    tps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    connect_ms: f64,
+}
+
+fn pgbench(port: u16, args: &[&str], options: &Options, dir: &Path) -> Pgbench {
+    let logs = tempfile::tempdir_in(dir).unwrap();
+    let output = Command::new("pgbench")
+        .args(["-n", "-T", &options.seconds.to_string(), "-l"])
+        .arg(format!("--log-prefix={}/tx", logs.path().display()))
+        .args(args)
+        .args(connection_args(port))
+        .arg("postgres")
+        .env("PGPASSWORD", DB_PASSWORD)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "pgbench {args:?} through {port} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let after = |prefix: &str| -> f64 {
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix:?} in pgbench's output:\n{stdout}"))
+    };
+    // One line per transaction: client, number, latency in µs, script, epoch s, epoch µs.
+    let mut latencies: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(logs.path()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        latencies.extend(
+            text.lines()
+                .filter_map(|line| line.split_whitespace().nth(2)?.parse::<u64>().ok()),
+        );
+    }
+    latencies.sort_unstable();
+    assert!(!latencies.is_empty(), "pgbench logged no transactions");
+    let percentile = |p: f64| {
+        let index = ((latencies.len() - 1) as f64 * p).round() as usize;
+        latencies[index] as f64 / 1e3
+    };
+    Pgbench {
+        tps: after("tps = "),
+        p50_ms: percentile(0.50),
+        p99_ms: percentile(0.99),
+        connect_ms: if args.contains(&"-C") {
+            after("average connection time = ")
+        } else {
+            f64::NAN
+        },
+    }
+}
+
+/// Connects and queries until it works: the first query an app booting at once could make.
+async fn first_query(port: u16, spawned: Instant) -> Duration {
+    let deadline = spawned + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            let client = support::connect(port).await?;
+            client.simple_query("select 1").await
+        };
+        if tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            return spawned.elapsed();
+        }
+        assert!(Instant::now() < deadline, "no query through {port} in 30 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Opens `count` connections through the tunnel, checks each answers, and returns the
+/// tunnel's resident memory while they are all open.
+async fn hold_connections(port: u16, count: usize, running: &Running) -> f64 {
+    let mut clients = Vec::with_capacity(count);
+    // In batches: hundreds of simultaneous SCRAM handshakes would time out on two cores.
+    while clients.len() < count {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..(count - clients.len()).min(16) {
+            batch.spawn(support::connect(port));
+        }
+        while let Some(opened) = batch.join_next().await {
+            clients.push(opened.unwrap().expect("connect through the tunnel"));
+        }
+    }
+    for client in &clients {
+        client.simple_query("select 1").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss = rss_mb(&running.pids());
+    drop(clients);
+    rss
+}
+
+enum Running {
+    Direct(u16),
+    Ssh { port: u16, child: Child },
+    Bpg { port: u16, tunnel: Tunnel },
+}
+
+impl Running {
+    /// autossh + ssh exactly as the old script ran them (minus `-f`, so we keep the pid).
+    fn ssh(lab: &Lab, dir: &Path) -> Running {
+        let key = dir.join("id");
+        if !key.exists() {
+            std::fs::write(&key, &lab.client_key.private).unwrap();
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::fs::write(
+                dir.join("known_hosts"),
+                format!("[127.0.0.1]:{} {}\n", lab.sshd.port, lab.sshd.host_key.public),
+            )
+            .unwrap();
+        }
+        let port = support::free_port();
+        let forward = format!("127.0.0.1:{port}:127.0.0.1:{}", lab.pg.port);
+        let child = Command::new("autossh")
+            .args(["-M", "0", "-N", "-F", "/dev/null"])
+            .args(["-o", "TCPKeepAlive=no", "-o", "ServerAliveInterval=15"])
+            .args(["-o", "ServerAliveCountMax=3", "-o", "ExitOnForwardFailure=yes"])
+            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                dir.join("known_hosts").display()
+            ))
+            .args(["-p", &lab.sshd.port.to_string()])
+            .arg("-i")
+            .arg(&key)
+            .args(["-L", &forward])
+            .arg(format!("{}@127.0.0.1", lab.sshd.user))
+            .env("AUTOSSH_PATH", support::which("ssh").unwrap())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start autossh");
+        Running::Ssh { port, child }
+    }
+
+    fn bpg(lab: &Lab) -> Running {
+        let mut attachment = lab.attachment("DATABASE");
+        attachment.set("BPG_TUNNEL_LOG", "info");
+        let port = attachment.writer_port;
+        let tunnel = Tunnel::spawn(attachment.vars.iter(), &[]);
+        Running::Bpg { port, tunnel }
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Running::Direct(port) | Running::Ssh { port, .. } | Running::Bpg { port, .. } => {
+                *port
+            }
+        }
+    }
+
+    /// Every process the tunnel consists of (autossh and its ssh, or bpg-tunnel).
+    fn pids(&self) -> Vec<i32> {
+        match self {
+            Running::Direct(_) => vec![],
+            Running::Ssh { child, .. } => {
+                let root = child.id() as i32;
+                let mut pids = vec![root];
+                pids.extend(support::descendants(root));
+                pids
+            }
+            Running::Bpg { tunnel, .. } => vec![tunnel.pid()],
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let pids = self.pids();
+        if let Running::Ssh { child, .. } = self {
+            for pid in pids {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+fn rss_mb(pids: &[i32]) -> f64 {
+    pids.iter()
+        .map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .sum::<f64>()
+        / 1024.0
+}
+
+fn cpu_seconds(pids: &[i32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // utime and stime are fields 14 and 15; count after the command name's ')'.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|f| f.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / ticks
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 0 {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
+}
+
+fn print_table(results: &Results, options: &Options) {
+    let width = Metric::ALL
+        .iter()
+        .map(|m| m.label(options).len())
+        .max()
+        .unwrap_or(0);
+    println!(
+        "\nmedians over {} round(s); bpg/ssh is bpg-tunnel divided by ssh -L\n",
+        options.rounds
+    );
+    println!(
+        "| {:width$} | {:>9} | {:>9} | {:>10} | {:>7} | {:>8} |",
+        "metric", "direct", "ssh -L", "bpg-tunnel", "bpg/ssh", "target"
+    );
+    println!(
+        "|{}|{}|{}|{}|{}|{}|",
+        "-".repeat(width + 2),
+        "-".repeat(11),
+        "-".repeat(11),
+        "-".repeat(12),
+        "-".repeat(9),
+        "-".repeat(10)
+    );
+    for metric in Metric::ALL {
+        let cell = |contender| {
+            results
+                .get(&(metric, contender))
+                .map(|values| median(values))
+        };
+        let show = |value: Option<f64>| match value {
+            Some(v) if v >= 100.0 => format!("{v:.0}"),
+            Some(v) if v >= 10.0 => format!("{v:.1}"),
+            Some(v) => format!("{v:.2}"),
+            None => "-".into(),
+        };
+        let (ssh, bpg) = (cell(Contender::Ssh), cell(Contender::Bpg));
+        let ratio = ssh.zip(bpg).map(|(s, b)| b / s);
+        let target = match (metric.target(), ratio) {
+            (Some((goal, higher)), Some(r)) => {
+                let met = if higher { r >= goal } else { r <= goal };
+                format!("{}{goal} {}", if higher { "≥" } else { "≤" }, if met { "ok" } else { "MISS" })
+            }
+            _ => String::new(),
+        };
+        println!(
+            "| {:width$} | {:>9} | {:>9} | {:>10} | {:>7} | {:>8} |",
+            metric.label(options),
+            show(cell(Contender::Direct)),
+            show(ssh),
+            show(bpg),
+            ratio.map(|r| format!("{r:.2}x")).unwrap_or_default(),
+            target
+        );
+    }
+    if !options.smoke {
+        return;
+    }
+    // The smoke run checks that every row was measured, not how fast anything was.
+    for metric in Metric::ALL {
+        for contender in [Contender::Ssh, Contender::Bpg] {
+            assert!(
+                results.contains_key(&(metric, contender)),
+                "no {metric:?} for {}",
+                contender.label()
+            );
+        }
+    }
+}
