@@ -6,7 +6,8 @@
 //! a shared machine hits both alike, and the table shows medians over the rounds.
 //!
 //! Options (after `--`): `--smoke`, `--rounds N`, `--seconds S` (per pgbench run),
-//! `--copy-mb M`, `--idle N` (connections held open for the memory figure).
+//! `--copy-mb M`, `--idle N` (connections held open for the memory figure), and `--lab`, which
+//! prepares the data, starts both tunnels, prints their ports and pids and waits: for profiling.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use support::{Lab, Tunnel, DB_PASSWORD};
 
 struct Options {
+    lab: bool,
     smoke: bool,
     rounds: usize,
     seconds: u32,
@@ -33,6 +35,7 @@ impl Options {
     fn parse() -> Options {
         let mut args = std::env::args().skip(1);
         let mut options = Options {
+            lab: false,
             smoke: false,
             rounds: 5,
             seconds: 6,
@@ -49,6 +52,7 @@ impl Options {
             match arg.as_str() {
                 "--smoke" => {
                     options = Options {
+                        lab: options.lab,
                         smoke: true,
                         rounds: 1,
                         seconds: 1,
@@ -57,6 +61,7 @@ impl Options {
                         pgbench_scale: 1,
                     }
                 }
+                "--lab" => options.lab = true,
                 "--rounds" => options.rounds = number(&arg, args.next()) as usize,
                 "--seconds" => options.seconds = number(&arg, args.next()) as u32,
                 "--copy-mb" => options.copy_mb = number(&arg, args.next()),
@@ -183,6 +188,25 @@ fn main() {
         .build()
         .unwrap();
 
+    if options.lab {
+        let ssh = Running::ssh(&lab, dir.path());
+        let bpg = Running::bpg(&lab);
+        for running in [&ssh, &bpg] {
+            runtime.block_on(first_query(running.port(), Instant::now()));
+        }
+        println!(
+            "lab up (PGPASSWORD={DB_PASSWORD:?}): direct 127.0.0.1:{}, ssh -L 127.0.0.1:{} pids {:?}, bpg-tunnel 127.0.0.1:{} pid {:?}",
+            lab.pg.port,
+            ssh.port(),
+            ssh.pids(),
+            bpg.port(),
+            bpg.pids()
+        );
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+
     let mut results = Results::new();
     for round in 0..options.rounds {
         let order = if round % 2 == 0 {
@@ -197,10 +221,7 @@ fn main() {
                     "{} {metric:?}: measured {value}",
                     contender.label()
                 );
-                results
-                    .entry((metric, contender))
-                    .or_default()
-                    .push(value);
+                results.entry((metric, contender)).or_default().push(value);
             };
             let spawned = Instant::now();
             let running = match contender {
@@ -236,7 +257,10 @@ fn main() {
             let copy_time = copy_started.elapsed();
             let cpu = cpu_seconds(&running.pids()) - cpu_before;
             assert_eq!(copied, copy_bytes, "{}: COPY came short", contender.label());
-            record(Metric::CopyMbps, copied as f64 / 1e6 / copy_time.as_secs_f64());
+            record(
+                Metric::CopyMbps,
+                copied as f64 / 1e6 / copy_time.as_secs_f64(),
+            );
             if contender != Contender::Direct {
                 // Clock ticks are 10 ms: a smoke-sized copy may use less than one.
                 record(
@@ -301,7 +325,16 @@ fn connection_args(port: u16) -> Vec<String> {
 
 fn psql(port: u16, sql: &str) {
     let output = Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-c", sql])
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            "postgres",
+            "-c",
+            sql,
+        ])
         .args(connection_args(port))
         .env("PGPASSWORD", DB_PASSWORD)
         .output()
@@ -332,7 +365,10 @@ fn copy_out(port: u16) -> u64 {
             n => total += n as u64,
         }
     }
-    assert!(child.wait().unwrap().success(), "COPY through {port} failed");
+    assert!(
+        child.wait().unwrap().success(),
+        "COPY through {port} failed"
+    );
     total
 }
 
@@ -452,16 +488,26 @@ impl Running {
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
             std::fs::write(
                 dir.join("known_hosts"),
-                format!("[127.0.0.1]:{} {}\n", lab.sshd.port, lab.sshd.host_key.public),
+                format!(
+                    "[127.0.0.1]:{} {}\n",
+                    lab.sshd.port, lab.sshd.host_key.public
+                ),
             )
             .unwrap();
         }
         let port = support::free_port();
         let forward = format!("127.0.0.1:{port}:127.0.0.1:{}", lab.pg.port);
-        let child = Command::new("autossh")
+        let mut command = Command::new("autossh");
+        support::die_with_parent(&mut command);
+        let child = command
             .args(["-M", "0", "-N", "-F", "/dev/null"])
             .args(["-o", "TCPKeepAlive=no", "-o", "ServerAliveInterval=15"])
-            .args(["-o", "ServerAliveCountMax=3", "-o", "ExitOnForwardFailure=yes"])
+            .args([
+                "-o",
+                "ServerAliveCountMax=3",
+                "-o",
+                "ExitOnForwardFailure=yes",
+            ])
             .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
             .arg("-o")
             .arg(format!(
@@ -492,9 +538,7 @@ impl Running {
 
     fn port(&self) -> u16 {
         match self {
-            Running::Direct(port) | Running::Ssh { port, .. } | Running::Bpg { port, .. } => {
-                *port
-            }
+            Running::Direct(port) | Running::Ssh { port, .. } | Running::Bpg { port, .. } => *port,
         }
     }
 
@@ -562,7 +606,7 @@ fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 0 {
+    if sorted.len().is_multiple_of(2) {
         (sorted[mid - 1] + sorted[mid]) / 2.0
     } else {
         sorted[mid]
@@ -609,7 +653,11 @@ fn print_table(results: &Results, options: &Options) {
         let target = match (metric.target(), ratio) {
             (Some((goal, higher)), Some(r)) => {
                 let met = if higher { r >= goal } else { r <= goal };
-                format!("{}{goal} {}", if higher { "≥" } else { "≤" }, if met { "ok" } else { "MISS" })
+                format!(
+                    "{}{goal} {}",
+                    if higher { "≥" } else { "≤" },
+                    if met { "ok" } else { "MISS" }
+                )
             }
             _ => String::new(),
         };

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, and nothing when it is already there:
-# OpenSSH's sshd and ssh-keygen, PostgreSQL's server binaries, psql and pgbench.
+# OpenSSH's sshd, ssh and ssh-keygen, autossh, PostgreSQL's server binaries, psql and pgbench.
 set -euo pipefail
 
 need=()
@@ -10,6 +10,8 @@ command -v ssh >/dev/null || need+=(openssh-client)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v pgbench >/dev/null || need+=(postgresql-contrib)
+# The benchmark's baseline is the old buildpack's autossh + ssh -L.
+command -v autossh >/dev/null || need+=(autossh)
 
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

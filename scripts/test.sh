@@ -20,6 +20,8 @@ cargo test --locked --lib --bins --test tunnel --test lifecycle --test private_a
 echo "-----> end-to-end and install tests (static release binary: $release_bin)"
 BPG_TUNNEL_BIN="$release_bin" BPG_TUNNEL_DIST="$release_tarball" \
   cargo test --locked --test tunnel --test lifecycle --test private_app --test buildpack 2>&1 | tee -a "$log"
+echo "-----> benchmark smoke run: one short round against ssh -L, so the benchmark cannot rot"
+BPG_TUNNEL_BIN="$release_bin" cargo bench --locked --profile dev --bench tunnel -- --smoke
 # One closing line for the whole run, whatever order cargo printed its targets in.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use russh::client::Msg;
+use russh::{Channel, ChannelMsg, ChannelReadHalf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,8 +26,8 @@ use crate::config::Forward;
 use crate::ssh::ChannelError;
 use crate::supervisor::SessionSlot;
 
-/// Large enough to fill a 1 Gbit/s link between wake-ups; one pair per open connection.
-const COPY_BUFFER: usize = 64 * 1024;
+/// The most the app's data is read at once: one SSH packet (russh's default maximum).
+const UP_BUFFER: usize = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{var}: cannot listen on {addr} (port {port}): {source}; expected the port to be free, is another program (or another bpg-tunnel) using it?", port = addr.port())]
@@ -169,7 +172,7 @@ impl Connection {
             let session_closed = session.closed();
             let stalled_readers = session.stalled_readers();
             drop(session);
-            let mut channel = match channel {
+            let channel = match channel {
                 Ok(channel) => channel,
                 Err(ChannelError::SessionGone { .. }) => continue,
                 Err(error @ ChannelError::Refused { .. }) => {
@@ -181,14 +184,8 @@ impl Connection {
             if waited >= Duration::from_millis(100) {
                 info!(event = "connection-waited", addon, %role, %peer, ms = waited.as_millis() as u64);
             }
-            let mut client = ClientStream::new(stream, stalled_readers);
             let copied = tokio::select! {
-                copied = tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut channel,
-                    COPY_BUFFER,
-                    COPY_BUFFER,
-                ) => copied,
+                copied = copy(stream, channel, stalled_readers) => copied,
                 // A copy waiting for SSH window is not woken when the session dies.
                 () = session_closed.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the SSH session ended")),
                 () = cut.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "bpg-tunnel is stopping")),
@@ -206,18 +203,76 @@ impl Connection {
     }
 }
 
-/// The app's side of a connection. It tells the session when the app stops reading, because
-/// that stalls the whole SSH connection (see [`crate::ssh`]); the count moves only when a write
-/// starts or stops waiting, never per byte.
-struct ClientStream {
-    inner: TcpStream,
+/// Copies both ways until both sides have finished, passing each end-of-file on, like
+/// `tokio::io::copy_bidirectional`, but without its two zero-filled buffers per connection:
+/// data from the database goes from russh's own packet buffer straight to the app's socket, and
+/// the buffer for the app's data is filled only as far as the app writes. Returns the bytes
+/// sent up and down.
+async fn copy(
+    client: TcpStream,
+    channel: Channel<Msg>,
+    stalled_readers: Arc<AtomicUsize>,
+) -> io::Result<(u64, u64)> {
+    let (client_read, client_write) = client.into_split();
+    let (mut channel_read, channel_write) = channel.split();
+    let up = copy_up(client_read, channel_write.make_writer());
+    let down = copy_down(
+        &mut channel_read,
+        ClientWriter::new(client_write, stalled_readers),
+    );
+    let copied = tokio::try_join!(up, down);
+    // Split halves do not close the channel when dropped (a whole `Channel` stream would): say
+    // so, or sshd keeps its side, and the database connection, open. When this future is
+    // dropped instead, the session is ending and takes its channels with it.
+    let _ = channel_write.close().await;
+    copied
+}
+
+async fn copy_up(mut from: OwnedReadHalf, mut to: impl AsyncWrite + Unpin) -> io::Result<u64> {
+    // Reused for every read; its pages are touched only as far as the largest write.
+    let mut buffer = Vec::with_capacity(UP_BUFFER);
+    let mut total = 0;
+    loop {
+        buffer.clear();
+        if from.read_buf(&mut buffer).await? == 0 {
+            to.shutdown().await?;
+            return Ok(total);
+        }
+        to.write_all(&buffer).await?;
+        total += buffer.len() as u64;
+    }
+}
+
+async fn copy_down(from: &mut ChannelReadHalf, mut to: ClientWriter) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        match from.wait().await {
+            Some(ChannelMsg::Data { data }) => {
+                to.write_all(&data).await?;
+                total += data.len() as u64;
+            }
+            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => {
+                to.shutdown().await?;
+                return Ok(total);
+            }
+            // Window adjustments and the like: russh has acted on them already.
+            Some(_) => {}
+        }
+    }
+}
+
+/// The app's side of a connection, for writing. It tells the session when the app stops
+/// reading, because that stalls the whole SSH connection (see [`crate::ssh`]); the count moves
+/// only when a write starts or stops waiting, never per byte.
+struct ClientWriter {
+    inner: OwnedWriteHalf,
     stalled_readers: Arc<AtomicUsize>,
     stalled: bool,
 }
 
-impl ClientStream {
-    fn new(inner: TcpStream, stalled_readers: Arc<AtomicUsize>) -> ClientStream {
-        ClientStream {
+impl ClientWriter {
+    fn new(inner: OwnedWriteHalf, stalled_readers: Arc<AtomicUsize>) -> ClientWriter {
+        ClientWriter {
             inner,
             stalled_readers,
             stalled: false,
@@ -236,23 +291,13 @@ impl ClientStream {
     }
 }
 
-impl Drop for ClientStream {
+impl Drop for ClientWriter {
     fn drop(&mut self) {
         self.mark(false);
     }
 }
 
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for ClientStream {
+impl AsyncWrite for ClientWriter {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

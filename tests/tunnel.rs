@@ -442,3 +442,58 @@ async fn an_upload_stuck_on_a_dead_session_is_cut_not_left_hanging() {
     // The replacement session serves the app's next connection.
     assert_eq!(server_addr(db.writer_port).await.unwrap(), "127.0.0.1");
 }
+
+/// Counts the client backends PostgreSQL has besides the one asking.
+async fn other_backends(direct: &tokio_postgres::Client) -> i64 {
+    direct
+        .query_one(
+            "select count(*) from pg_stat_activity \
+             where backend_type = 'client backend' and pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_closed_on_either_side_ends_on_the_other() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let tunnel = spawn(&db.vars, &[]);
+    tunnel.wait_for(&["event=ssh-connected"], START);
+    let direct = connect(lab.pg.port).await.unwrap();
+
+    // The app hangs up: nothing of its connections stays open at the database.
+    for _ in 0..20 {
+        let client = connect(db.writer_port).await.unwrap();
+        client.simple_query("select 1").await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while other_backends(&direct).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "database connections left open after the app closed them"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The database hangs up (an admin terminates the backend): the app learns at once instead
+    // of waiting on a connection nobody serves.
+    let client = connect(db.writer_port).await.unwrap();
+    let pid: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    direct
+        .execute("select pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), client.simple_query("select 1"))
+        .await
+        .expect("the app's connection was left hanging after the database closed it");
+    assert!(next.is_err(), "a terminated backend still answered");
+    assert!(client.is_closed());
+    assert_eq!(tunnel.count("event=ssh-connected"), 1);
+}

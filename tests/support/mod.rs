@@ -106,7 +106,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn die_with_parent(command: &mut Command) {
+pub fn die_with_parent(command: &mut Command) {
     // SAFETY: prctl is async-signal-safe; the closure only calls it.
     unsafe {
         command.pre_exec(|| {
