@@ -203,7 +203,7 @@ impl Connection {
     }
 }
 
-/// Copies both ways until both sides have finished, passing each end-of-file on, like
+/// Copies both ways, passing each end-of-file on, until the channel is closed; like
 /// `tokio::io::copy_bidirectional`, but without its two zero-filled buffers per connection:
 /// data from the database goes from russh's own packet buffer straight to the app's socket, and
 /// the buffer for the app's data is filled only as far as the app writes. Returns the bytes
@@ -214,51 +214,78 @@ async fn copy(
     stalled_readers: Arc<AtomicUsize>,
 ) -> io::Result<(u64, u64)> {
     let (client_read, client_write) = client.into_split();
-    let (mut channel_read, channel_write) = channel.split();
-    let up = copy_up(client_read, channel_write.make_writer());
-    let down = copy_down(
-        &mut channel_read,
-        ClientWriter::new(client_write, stalled_readers),
-    );
-    let copied = tokio::try_join!(up, down);
+    let (channel_read, channel_write) = channel.split();
+    let mut sent_up = 0;
+    let copied = async {
+        let up = copy_up(client_read, channel_write.make_writer(), &mut sent_up);
+        let down = copy_down(
+            channel_read,
+            ClientWriter::new(client_write, stalled_readers),
+        );
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        loop {
+            tokio::select! {
+                result = &mut up, if !up_done => {
+                    result?;
+                    up_done = true;
+                }
+                // Closed: what the app still sends has nowhere to go, and russh stops opening
+                // the window for it, so a pending write would otherwise wait forever.
+                result = &mut down => return result,
+            }
+        }
+    }
+    .await;
     // Split halves do not close the channel when dropped (a whole `Channel` stream would): say
     // so, or sshd keeps its side, and the database connection, open. When this future is
     // dropped instead, the session is ending and takes its channels with it.
     let _ = channel_write.close().await;
-    copied
+    copied.map(|received_down| (sent_up, received_down))
 }
 
-async fn copy_up(mut from: OwnedReadHalf, mut to: impl AsyncWrite + Unpin) -> io::Result<u64> {
+async fn copy_up(
+    mut from: OwnedReadHalf,
+    mut to: impl AsyncWrite + Unpin,
+    sent: &mut u64,
+) -> io::Result<()> {
     // Reused for every read; its pages are touched only as far as the largest write.
     let mut buffer = Vec::with_capacity(UP_BUFFER);
-    let mut total = 0;
     loop {
         buffer.clear();
         if from.read_buf(&mut buffer).await? == 0 {
-            to.shutdown().await?;
-            return Ok(total);
+            return to.shutdown().await;
         }
         to.write_all(&buffer).await?;
-        total += buffer.len() as u64;
+        *sent += buffer.len() as u64;
     }
 }
 
-async fn copy_down(from: &mut ChannelReadHalf, mut to: ClientWriter) -> io::Result<u64> {
-    let mut total = 0;
-    loop {
-        match from.wait().await {
-            Some(ChannelMsg::Data { data }) => {
+/// Runs until the channel is closed, not just at its end-of-file: only the close tells that
+/// the app's side can stop too. Owns the read half so its queue goes when this ends; russh would
+/// otherwise wait, with the whole session, for room in it.
+async fn copy_down(mut from: ChannelReadHalf, mut to: ClientWriter) -> io::Result<u64> {
+    let mut received = 0;
+    let mut eof = false;
+    while let Some(message) = from.wait().await {
+        match message {
+            ChannelMsg::Data { data } if !eof => {
                 to.write_all(&data).await?;
-                total += data.len() as u64;
+                received += data.len() as u64;
             }
-            Some(ChannelMsg::Eof | ChannelMsg::Close) | None => {
+            ChannelMsg::Eof if !eof => {
+                eof = true;
                 to.shutdown().await?;
-                return Ok(total);
             }
+            ChannelMsg::Close => break,
             // Window adjustments and the like: russh has acted on them already.
-            Some(_) => {}
+            _ => {}
         }
     }
+    if !eof {
+        to.shutdown().await?;
+    }
+    Ok(received)
 }
 
 /// The app's side of a connection, for writing. It tells the session when the app stops

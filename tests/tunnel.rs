@@ -487,7 +487,7 @@ async fn a_connection_closed_on_either_side_ends_on_the_other() {
         .unwrap()
         .get(0);
     direct
-        .execute("select pg_terminate_backend($1)", &[&pid])
+        .execute("select pg_terminate_backend($1, 5000)", &[&pid])
         .await
         .unwrap();
     let next = tokio::time::timeout(Duration::from_secs(5), client.simple_query("select 1"))
@@ -496,4 +496,72 @@ async fn a_connection_closed_on_either_side_ends_on_the_other() {
     assert!(next.is_err(), "a terminated backend still answered");
     assert!(client.is_closed());
     assert_eq!(tunnel.count("event=ssh-connected"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_to_a_backend_that_goes_away_fails_instead_of_hanging() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let tunnel = spawn(&db.vars, &[]);
+    tunnel.wait_for(&["event=ssh-connected"], START);
+    let direct = connect(lab.pg.port).await.unwrap();
+
+    // An endless COPY FROM STDIN, then the database drops the connection mid-upload (a
+    // failover, an admin): once sshd closes the channel the app's data has nowhere to go.
+    let mut psql = psql(&db, &["CREATE TEMP TABLE t (x text)", "COPY t FROM STDIN"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = psql.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let line = format!("{}\n", "y".repeat(1000));
+        while std::io::Write::write_all(&mut stdin, line.as_bytes()).is_ok() {}
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let copying = "select pid from pg_stat_activity where query = 'COPY t FROM STDIN'";
+    let pid: i32 = loop {
+        if let Some(row) = direct.query_opt(copying, &[]).await.unwrap() {
+            break row.get(0);
+        }
+        assert!(Instant::now() < deadline, "the upload never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    direct
+        .execute("select pg_terminate_backend($1, 5000)", &[&pid])
+        .await
+        .unwrap();
+
+    let terminated = Instant::now();
+    let exited = loop {
+        if let Some(status) = psql.try_wait().unwrap() {
+            break Some(status);
+        }
+        if terminated.elapsed() > Duration::from_secs(10) {
+            let _ = psql.kill();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = psql.wait();
+    writer.join().unwrap();
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "the app must see its upload fail, not hang"
+    );
+    // Only that connection ended: the session goes on serving.
+    assert_eq!(server_addr(db.writer_port).await.unwrap(), "127.0.0.1");
+    assert_eq!(tunnel.count("event=ssh-connected"), 1);
+    // And nothing of it lingers: with no connection open, a stop does not wait for any (a
+    // lingering one held it until the 2 s grace cut it; an empty stop takes tens of ms).
+    let mut tunnel = tunnel;
+    let stopping = Instant::now();
+    tunnel.signal(libc::SIGTERM);
+    assert!(
+        tunnel.wait_exit(Duration::from_secs(1)).is_some(),
+        "a stop waited on a connection the app had already left"
+    );
+    eprintln!("stopped {:?} after SIGTERM", stopping.elapsed());
 }
