@@ -127,7 +127,7 @@ impl Metric {
             Metric::SelectP99 => "select-only: p99 latency ms".into(),
             Metric::ConnectTps => "new connection per tx (-C): tps".into(),
             Metric::ConnectMs => "-C: average connect ms".into(),
-            Metric::CopyMbps => format!("COPY TO STDOUT {} MB: MB/s", options.copy_mb),
+            Metric::CopyMbps => format!("COPY TO STDOUT ~{} MB: MB/s", options.copy_mb),
             Metric::CpuPerGb => "tunnel CPU s per GB (COPY)".into(),
             Metric::IdleRss => "tunnel RSS idle, MB".into(),
             Metric::ConnsRss => format!("tunnel RSS, {} open conns, MB", options.idle),
