@@ -291,11 +291,9 @@ fn version(program: &Path, flag: &str) -> String {
 
 /// pgbench's tables, and a table whose text COPY is `copy_mb` megabytes; returns its exact size.
 fn prepare_database(lab: &Lab, options: &Options) -> u64 {
-    let output = Command::new("pgbench")
+    let output = client("pgbench", lab.pg.port)
         .args(["-i", "-q", "-s", &options.pgbench_scale.to_string()])
-        .args(connection_args(lab.pg.port))
         .arg("postgres")
-        .env("PGPASSWORD", DB_PASSWORD)
         .output()
         .unwrap();
     assert!(
@@ -317,14 +315,17 @@ fn prepare_database(lab: &Lab, options: &Options) -> u64 {
     copy_out(lab.pg.port)
 }
 
-fn connection_args(port: u16) -> Vec<String> {
-    ["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"]
-        .map(String::from)
-        .to_vec()
+/// `program` (psql or pgbench) pointed at 127.0.0.1:`port` as the lab's database user.
+fn client(program: &str, port: u16) -> Command {
+    let mut command = Command::new(program);
+    command
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .env("PGPASSWORD", DB_PASSWORD);
+    command
 }
 
 fn psql(port: u16, sql: &str) {
-    let output = Command::new("psql")
+    let output = client("psql", port)
         .args([
             "-X",
             "-q",
@@ -335,8 +336,6 @@ fn psql(port: u16, sql: &str) {
             "-c",
             sql,
         ])
-        .args(connection_args(port))
-        .env("PGPASSWORD", DB_PASSWORD)
         .output()
         .unwrap();
     assert!(
@@ -348,11 +347,9 @@ fn psql(port: u16, sql: &str) {
 
 /// Runs `COPY bulk TO STDOUT` with psql, the way an app's libpq would, and counts the bytes.
 fn copy_out(port: u16) -> u64 {
-    let mut child = Command::new("psql")
+    let mut child = client("psql", port)
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"])
         .args(["-c", "copy bulk to stdout"])
-        .args(connection_args(port))
-        .env("PGPASSWORD", DB_PASSWORD)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -381,13 +378,11 @@ struct Pgbench {
 
 fn pgbench(port: u16, args: &[&str], options: &Options, dir: &Path) -> Pgbench {
     let logs = tempfile::tempdir_in(dir).unwrap();
-    let output = Command::new("pgbench")
+    let output = client("pgbench", port)
         .args(["-n", "-T", &options.seconds.to_string(), "-l"])
         .arg(format!("--log-prefix={}/tx", logs.path().display()))
         .args(args)
-        .args(connection_args(port))
         .arg("postgres")
-        .env("PGPASSWORD", DB_PASSWORD)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

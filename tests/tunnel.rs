@@ -332,6 +332,40 @@ fn spawn_with_short_silence_budget(db: &support::Attachment) -> Tunnel {
     tunnel
 }
 
+/// psql running an endless `COPY t FROM STDIN` through the writer forward, fed by a thread
+/// that writes until psql's stdin closes.
+fn endless_upload(db: &support::Attachment) -> (std::process::Child, std::thread::JoinHandle<()>) {
+    let mut psql = psql(db, &["CREATE TEMP TABLE t (x text)", "COPY t FROM STDIN"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = psql.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let line = format!("{}\n", "y".repeat(1000));
+        while std::io::Write::write_all(&mut stdin, line.as_bytes()).is_ok() {}
+    });
+    (psql, writer)
+}
+
+/// The child's exit status, or `None` if it is still running after `timeout`.
+fn exit_within(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// psql through the writer forward, running each command in turn.
 fn psql(db: &support::Attachment, commands: &[&str]) -> std::process::Command {
     let mut psql = std::process::Command::new("psql");
@@ -398,17 +432,7 @@ async fn an_upload_stuck_on_a_dead_session_is_cut_not_left_hanging() {
 
     // An endless COPY FROM STDIN: once the server hangs, the SSH window runs out and the
     // tunnel's copy waits for window that never comes.
-    let mut psql = psql(&db, &["CREATE TEMP TABLE t (x text)", "COPY t FROM STDIN"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = psql.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        let line = format!("{}\n", "y".repeat(1000));
-        while std::io::Write::write_all(&mut stdin, line.as_bytes()).is_ok() {}
-    });
+    let (mut psql, writer) = endless_upload(&db);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         psql.try_wait().unwrap().is_none(),
@@ -417,15 +441,7 @@ async fn an_upload_stuck_on_a_dead_session_is_cut_not_left_hanging() {
 
     let stopped_at = Instant::now();
     assert!(lab.sshd.signal_sessions(libc::SIGSTOP) > 0);
-    let exited = loop {
-        if let Some(status) = psql.try_wait().unwrap() {
-            break Some(status);
-        }
-        if stopped_at.elapsed() > Duration::from_secs(10) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exited = exit_within(&mut psql, Duration::from_secs(10));
     lab.sshd.signal_sessions(libc::SIGCONT);
     if exited.is_none() {
         let _ = psql.kill();
@@ -508,17 +524,7 @@ async fn an_upload_to_a_backend_that_goes_away_fails_instead_of_hanging() {
 
     // An endless COPY FROM STDIN, then the database drops the connection mid-upload (a
     // failover, an admin): once sshd closes the channel the app's data has nowhere to go.
-    let mut psql = psql(&db, &["CREATE TEMP TABLE t (x text)", "COPY t FROM STDIN"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = psql.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        let line = format!("{}\n", "y".repeat(1000));
-        while std::io::Write::write_all(&mut stdin, line.as_bytes()).is_ok() {}
-    });
+    let (mut psql, writer) = endless_upload(&db);
     let deadline = Instant::now() + Duration::from_secs(10);
     let copying = "select pid from pg_stat_activity where query = 'COPY t FROM STDIN'";
     let pid: i32 = loop {
@@ -534,17 +540,10 @@ async fn an_upload_to_a_backend_that_goes_away_fails_instead_of_hanging() {
         .await
         .unwrap();
 
-    let terminated = Instant::now();
-    let exited = loop {
-        if let Some(status) = psql.try_wait().unwrap() {
-            break Some(status);
-        }
-        if terminated.elapsed() > Duration::from_secs(10) {
-            let _ = psql.kill();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exited = exit_within(&mut psql, Duration::from_secs(10));
+    if exited.is_none() {
+        let _ = psql.kill();
+    }
     let _ = psql.wait();
     writer.join().unwrap();
     assert!(
