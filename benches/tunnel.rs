@@ -101,13 +101,14 @@ enum Metric {
     ConnectMs,
     CopyMbps,
     CpuPerGb,
+    StalledProbeMs,
     IdleRss,
     ConnsRss,
     FirstQuery,
 }
 
 impl Metric {
-    const ALL: [Metric; 10] = [
+    const ALL: [Metric; 11] = [
         Metric::SelectTps,
         Metric::SelectP50,
         Metric::SelectP99,
@@ -115,6 +116,7 @@ impl Metric {
         Metric::ConnectMs,
         Metric::CopyMbps,
         Metric::CpuPerGb,
+        Metric::StalledProbeMs,
         Metric::IdleRss,
         Metric::ConnsRss,
         Metric::FirstQuery,
@@ -129,6 +131,7 @@ impl Metric {
             Metric::ConnectMs => "-C: average connect ms".into(),
             Metric::CopyMbps => format!("COPY TO STDOUT ~{} MB: MB/s", options.copy_mb),
             Metric::CpuPerGb => "tunnel CPU s per GB (COPY)".into(),
+            Metric::StalledProbeMs => "worst probe ms, another client stalled".into(),
             Metric::IdleRss => "tunnel RSS idle, MB".into(),
             Metric::ConnsRss => format!("tunnel RSS, {} open conns, MB", options.idle),
             Metric::FirstQuery => "process start to first query, ms".into(),
@@ -142,6 +145,7 @@ impl Metric {
             Metric::ConnectTps => Some((2.5, true)),
             Metric::CopyMbps => Some((1.2, true)),
             Metric::SelectP99 => Some((1.0, false)),
+            Metric::StalledProbeMs => Some((1.5, false)),
             Metric::IdleRss | Metric::ConnsRss => Some((0.5, false)),
             _ => None,
         }
@@ -270,6 +274,8 @@ fn main() {
                 let rss = runtime.block_on(hold_connections(port, options.idle, &running));
                 record(Metric::ConnsRss, rss);
             }
+            let worst = runtime.block_on(probe_beside_a_stalled_client(port, &options));
+            record(Metric::StalledProbeMs, worst.as_secs_f64() * 1e3);
             drop(running);
         }
         println!(
@@ -443,6 +449,42 @@ async fn first_query(port: u16, spawned: Instant) -> Duration {
         assert!(Instant::now() < deadline, "no query through {port} in 30 s");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// While one client runs a ~400 MB `COPY TO STDOUT` into a pipe nobody reads, opens a new
+/// connection and runs `select 1` every 200 ms, as the app's other requests would; returns the
+/// slowest of those probes. A tunnel whose connections share one flow-control window makes them
+/// wait for the stalled client.
+async fn probe_beside_a_stalled_client(port: u16, options: &Options) -> Duration {
+    let mut stalled = client("psql", port)
+        .args(["-X", "-q", "-d", "postgres", "-c"])
+        .arg("copy (select repeat('x', 200) || g from generate_series(1, 2000000) g) to stdout")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Time for the result to fill every buffer on its way, up to the tunnel's window.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let until = Instant::now() + Duration::from_secs(u64::from(options.seconds));
+    let mut worst = Duration::ZERO;
+    while Instant::now() < until {
+        let started = Instant::now();
+        let probe = async {
+            let client = support::connect(port).await?;
+            client.simple_query("select 1").await
+        };
+        // A probe that fails counts with the time it took to fail: that is what the app saw.
+        match tokio::time::timeout(Duration::from_secs(60), probe).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => println!("a probe failed after {:?}: {error}", started.elapsed()),
+            Err(_) => println!("a probe got no answer in 60 s"),
+        }
+        worst = worst.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+    worst
 }
 
 /// Opens `count` connections through the tunnel, checks each answers, and returns the

@@ -5,6 +5,7 @@
 #   --pin   also records the tarball's SHA-256 in buildpack/bpg-tunnel.pin (at release time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/patch-russh.sh
 
 target=x86_64-unknown-linux-musl
 pin=false

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, and nothing when it is already there:
-# OpenSSH's sshd, ssh and ssh-keygen, autossh, PostgreSQL's server binaries, psql and pgbench.
+# OpenSSH's sshd, ssh and ssh-keygen, autossh, PostgreSQL's server binaries, psql and pgbench;
+# then the patched russh the build needs (scripts/patch-russh.sh).
 set -euo pipefail
 
 need=()
@@ -23,3 +24,5 @@ fi
 
 # Debian's postgresql package starts a cluster of its own; the lab starts private ones instead.
 command -v cargo >/dev/null || { echo "cargo is required (rustup)"; exit 1; }
+
+"$(dirname "$0")/patch-russh.sh"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, lints, unit and property tests, and the end-to-end tests against
-# a real OpenSSH sshd and PostgreSQL (started on loopback by the test harness), first with the
-# debug build, then with the static release binary and its tarball, which the buildpack tests
-# install the way a user's build does.
+# Runs every test: formatting, lints, our russh patch (it still applies to the pinned release;
+# russh's own tests and the patch's pass), unit and property tests, and the end-to-end tests
+# against a real OpenSSH sshd and PostgreSQL (started on loopback by the test harness), first
+# with the debug build, then with the static release binary and its tarball, which the buildpack
+# tests install the way a user's build does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -15,11 +16,15 @@ release_tarball="$PWD/dist/bpg-tunnel-$version-x86_64-unknown-linux-musl.tar.gz"
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+echo "-----> russh as patched (patches/russh): russh's own tests and the patch's"
+scripts/patch-russh.sh --check
+# The crate's own lock file, and a target directory of its own: its dev-dependencies are not ours.
+cargo test --locked --manifest-path build/russh-from-scripts-patch-russh.sh/Cargo.toml --target-dir target/russh --lib --tests 2>&1 | tee "$log"
 echo "-----> unit, property and end-to-end tests (debug build)"
-cargo test --locked --lib --bins --test tunnel --test lifecycle --test private_app 2>&1 | tee "$log"
+cargo test --locked --lib --bins --test tunnel --test flow_control --test lifecycle --test private_app 2>&1 | tee -a "$log"
 echo "-----> end-to-end and install tests (static release binary: $release_bin)"
 BPG_TUNNEL_BIN="$release_bin" BPG_TUNNEL_DIST="$release_tarball" \
-  cargo test --locked --test tunnel --test lifecycle --test private_app --test buildpack 2>&1 | tee -a "$log"
+  cargo test --locked --test tunnel --test flow_control --test lifecycle --test private_app --test buildpack 2>&1 | tee -a "$log"
 echo "-----> benchmark smoke run: one short round against ssh -L, so the benchmark cannot rot"
 BPG_TUNNEL_BIN="$release_bin" cargo bench --locked --profile dev --bench tunnel -- --smoke
 # One closing line for the whole run, whatever order cargo printed its targets in.

@@ -7,10 +7,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use russh::client::Msg;
@@ -170,7 +166,6 @@ impl Connection {
             // Only the signals are kept: holding the session itself would keep it (and its
             // socket) alive after the supervisor has replaced it.
             let session_closed = session.closed();
-            let stalled_readers = session.stalled_readers();
             drop(session);
             let channel = match channel {
                 Ok(channel) => channel,
@@ -185,7 +180,7 @@ impl Connection {
                 info!(event = "connection-waited", addon, %role, %peer, ms = waited.as_millis() as u64);
             }
             let copied = tokio::select! {
-                copied = copy(stream, channel, stalled_readers) => copied,
+                copied = copy(stream, channel) => copied,
                 // A copy waiting for SSH window is not woken when the session dies.
                 () = session_closed.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the SSH session ended")),
                 () = cut.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "bpg-tunnel is stopping")),
@@ -208,20 +203,13 @@ impl Connection {
 /// data from the database goes from russh's own packet buffer straight to the app's socket, and
 /// the buffer for the app's data is filled only as far as the app writes. Returns the bytes
 /// sent up and down.
-async fn copy(
-    client: TcpStream,
-    channel: Channel<Msg>,
-    stalled_readers: Arc<AtomicUsize>,
-) -> io::Result<(u64, u64)> {
+async fn copy(client: TcpStream, channel: Channel<Msg>) -> io::Result<(u64, u64)> {
     let (client_read, client_write) = client.into_split();
     let (channel_read, channel_write) = channel.split();
     let mut sent_up = 0;
     let copied = async {
         let up = copy_up(client_read, channel_write.make_writer(), &mut sent_up);
-        let down = copy_down(
-            channel_read,
-            ClientWriter::new(client_write, stalled_readers),
-        );
+        let down = copy_down(channel_read, client_write);
         tokio::pin!(up, down);
         let mut up_done = false;
         loop {
@@ -262,9 +250,10 @@ async fn copy_up(
 }
 
 /// Runs until the channel is closed, not just at its end-of-file: only the close tells that
-/// the app's side can stop too. Owns the read half so its queue goes when this ends; russh would
-/// otherwise wait, with the whole session, for room in it.
-async fn copy_down(mut from: ChannelReadHalf, mut to: ClientWriter) -> io::Result<u64> {
+/// the app's side can stop too. While the app does not read, neither does this, and the server
+/// stops sending on this channel once its window is full (see `patches/russh/`). Owns the read
+/// half so that, when this ends, what is still queued is given back to the server as window.
+async fn copy_down(mut from: ChannelReadHalf, mut to: OwnedWriteHalf) -> io::Result<u64> {
     let mut received = 0;
     let mut eof = false;
     while let Some(message) = from.wait().await {
@@ -286,60 +275,4 @@ async fn copy_down(mut from: ChannelReadHalf, mut to: ClientWriter) -> io::Resul
         to.shutdown().await?;
     }
     Ok(received)
-}
-
-/// The app's side of a connection, for writing. It tells the session when the app stops
-/// reading, because that stalls the whole SSH connection (see [`crate::ssh`]); the count moves
-/// only when a write starts or stops waiting, never per byte.
-struct ClientWriter {
-    inner: OwnedWriteHalf,
-    stalled_readers: Arc<AtomicUsize>,
-    stalled: bool,
-}
-
-impl ClientWriter {
-    fn new(inner: OwnedWriteHalf, stalled_readers: Arc<AtomicUsize>) -> ClientWriter {
-        ClientWriter {
-            inner,
-            stalled_readers,
-            stalled: false,
-        }
-    }
-
-    fn mark(&mut self, stalled: bool) {
-        if stalled != self.stalled {
-            self.stalled = stalled;
-            if stalled {
-                self.stalled_readers.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.stalled_readers.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-impl Drop for ClientWriter {
-    fn drop(&mut self) {
-        self.mark(false);
-    }
-}
-
-impl AsyncWrite for ClientWriter {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.mark(result.is_pending());
-        result
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }

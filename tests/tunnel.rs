@@ -381,11 +381,12 @@ fn psql(db: &support::Attachment, commands: &[&str]) -> std::process::Command {
 async fn a_client_that_stops_reading_does_not_get_the_session_killed() {
     let Some(lab) = support::lab() else { return };
     let db = lab.attachment("DATABASE");
-    // The stalled client below holds the session's reader for three times this budget.
+    // The stalled client below stays stalled for three times this budget, while the server's
+    // keepalive replies must still be heard.
     let tunnel = spawn_with_short_silence_budget(&db);
 
     // psql writing ~50 MB into a pipe nobody reads: it blocks on stdout, stops reading its
-    // socket, and the tunnel's channel backs up all the way to the SSH connection.
+    // socket, and the tunnel's channel backs up until its SSH window is full.
     let mut psql = psql(
         &db,
         &["COPY (SELECT repeat('x', 1000) FROM generate_series(1, 50000)) TO STDOUT"],

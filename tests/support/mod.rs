@@ -707,6 +707,12 @@ pub fn tunnel_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/debug/bpg-tunnel"))
 }
 
+/// Whether the binary under test is the release build (`BPG_TUNNEL_BIN`, as `scripts/test.sh`
+/// sets it), whose memory figures are the ones users see.
+pub fn is_release_binary() -> bool {
+    std::env::var_os("BPG_TUNNEL_BIN").is_some()
+}
+
 /// The release tarball the buildpacks install: `BPG_TUNNEL_DIST` (set by `scripts/test.sh` to
 /// what `scripts/dist.sh` built), or, outside CI, one packed here the same way from the binary
 /// under test.
