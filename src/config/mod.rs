@@ -1,4 +1,5 @@
-//! Discovery of every Borealis add-on attachment from the environment (CONTRACT.md §1–3).
+//! Discovery of every Borealis add-on attachment from the environment (see `docs/addon-contract.md`:
+//! "Config vars", "The conn-info value", "SSH-forward mode").
 //!
 //! Discovery never fails as a whole: each add-on is parsed on its own, and whatever is wrong
 //! with one becomes a [`Problem`] naming the variable and the key, so the others still run and
@@ -21,8 +22,9 @@ const CONN_INFO_SUFFIX: &str = "_TUNNEL_BPG_CONN_INFO";
 const LEGACY_CONN_INFO_SUFFIX: &str = "_SSH_TUNNEL_BPG_CONNECTION_INFO";
 const DEFAULT_SSH_PORT: u16 = 22;
 
-/// An add-on in private-app-tunnel mode (CONTRACT.md §4): no SSH; the dyno registers with the
-/// add-on's API so the add-on's network lets it reach the database at the host in `P_URL`.
+/// An add-on in private-app-tunnel mode (`docs/addon-contract.md`, "Private-app-tunnel mode"): no
+/// SSH; the dyno registers with the add-on's API so the add-on's network lets it reach the
+/// database at the host in `P_URL`.
 #[derive(Debug, Clone)]
 pub struct PrivateApp {
     /// The attachment prefix, as for [`Addon::name`].
