@@ -1,7 +1,8 @@
 //! The private-app-tunnel client (`docs/addon-contract.md`, "Private-app-tunnel mode"). In this
 //! mode there is no SSH: the database in `P_URL` is reached directly once the add-on's network
-//! admits this dyno, which it does for a registration made through the add-on's API. We register before reporting ready, renew the
-//! registration (it lapses 75 min after the last renewal), and remove it at shutdown.
+//! admits this dyno, which it does for a registration made through the add-on's API. We register
+//! before reporting ready, renew the registration (it lapses 75 min after the last renewal), and
+//! remove it at shutdown.
 //!
 //! The token (`CLIENT_APP_JWT`) goes into the Authorization header and nowhere else: errors are
 //! built from status codes and error kinds, never from request or response text.

@@ -1,5 +1,5 @@
-//! Discovery of every Borealis add-on attachment from the environment (see `docs/addon-contract.md`:
-//! "Config vars", "The conn-info value", "SSH-forward mode").
+//! Discovery of every Borealis add-on attachment from the environment (see
+//! `docs/addon-contract.md`: "Config vars", "The conn-info value", "SSH-forward mode").
 //!
 //! Discovery never fails as a whole: each add-on is parsed on its own, and whatever is wrong
 //! with one becomes a [`Problem`] naming the variable and the key, so the others still run and
