@@ -608,17 +608,7 @@ impl Drop for Running {
 }
 
 fn rss_mb(pids: &[i32]) -> f64 {
-    pids.iter()
-        .map(|pid| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        })
-        .sum::<f64>()
-        / 1024.0
+    pids.iter().map(|pid| support::rss_bytes(*pid)).sum::<u64>() as f64 / (1024.0 * 1024.0)
 }
 
 fn cpu_seconds(pids: &[i32]) -> f64 {

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,15 +25,10 @@ fn spawn(db: &Attachment, args: &[&str]) -> Tunnel {
     tunnel
 }
 
+/// psql through the writer forward, stopping at the first error.
 fn psql(db: &Attachment, command: &str) -> Command {
-    let mut psql = Command::new("psql");
-    psql.arg(support::psql_url(&db.vars["DATABASE_URL"])).args([
-        "-X",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-c",
-        command,
-    ]);
+    let mut psql = support::psql(db, &[command]);
+    psql.args(["-v", "ON_ERROR_STOP=1"]);
     psql
 }
 
@@ -53,25 +48,6 @@ fn stalled_client(db: &Attachment, query: &str) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-/// Reads what the stalled client had held back, to its end; returns the bytes and lines read.
-fn read_to_end(mut client: Child) -> std::thread::JoinHandle<(u64, u64)> {
-    let mut out = client.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        let (mut bytes, mut lines) = (0u64, 0u64);
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = out.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            bytes += n as u64;
-            lines += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
-        }
-        assert!(client.wait().unwrap().success(), "psql failed");
-        (bytes, lines)
-    })
 }
 
 /// A new connection and `select 1` through the tunnel every 200 ms for `period`, as an app's
@@ -105,24 +81,12 @@ fn report(what: &str, times: &[Duration]) -> Duration {
     worst
 }
 
-/// The process's resident memory, in bytes.
-fn rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 /// The RSS once it has stopped growing for a second.
 fn settled_rss(pid: i32) -> u64 {
-    let mut last = rss(pid);
+    let mut last = support::rss_bytes(pid);
     for _ in 0..30 {
         std::thread::sleep(Duration::from_secs(1));
-        let now = rss(pid);
+        let now = support::rss_bytes(pid);
         if now <= last {
             return now;
         }
@@ -146,7 +110,7 @@ async fn a_client_that_stops_reading_stalls_no_other_connection() {
     let times = probe(db.writer_port, Duration::from_secs(10)).await;
     let worst = report("probes while a client is stalled", &times);
 
-    let (bytes, lines) = read_to_end(stalled).join().unwrap();
+    let (bytes, lines) = support::read_output(stalled).join().unwrap();
     assert_eq!(
         (lines, bytes),
         (rows, size),
@@ -275,7 +239,9 @@ async fn twenty_stalled_clients_cost_at_most_a_window_each() {
     let tunnel = spawn(&db, &[]);
     // One connection first, so that idle includes what serving one costs.
     let (query, size) = big_result(1_000);
-    let (bytes, _) = read_to_end(stalled_client(&db, &query)).join().unwrap();
+    let (bytes, _) = support::read_output(stalled_client(&db, &query))
+        .join()
+        .unwrap();
     assert_eq!(bytes, size);
     let idle = settled_rss(tunnel.pid());
 
@@ -323,7 +289,7 @@ async fn twenty_stalled_clients_cost_at_most_a_window_each() {
         assert!(stalled < bound, "RSS {stalled} with 20 stalled clients");
     }
 
-    let readers: Vec<_> = clients.into_iter().map(read_to_end).collect();
+    let readers: Vec<_> = clients.into_iter().map(support::read_output).collect();
     for reader in readers {
         assert_eq!(reader.join().unwrap(), (size, rows));
     }

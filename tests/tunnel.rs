@@ -335,7 +335,7 @@ fn spawn_with_short_silence_budget(db: &support::Attachment) -> Tunnel {
 /// psql running an endless `COPY t FROM STDIN` through the writer forward, fed by a thread
 /// that writes until psql's stdin closes.
 fn endless_upload(db: &support::Attachment) -> (std::process::Child, std::thread::JoinHandle<()>) {
-    let mut psql = psql(db, &["CREATE TEMP TABLE t (x text)", "COPY t FROM STDIN"])
+    let mut psql = support::psql(db, &["CREATE TEMP TABLE t (x text)", "COPY t FROM STDIN"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -366,17 +366,6 @@ fn exit_within(
     }
 }
 
-/// psql through the writer forward, running each command in turn.
-fn psql(db: &support::Attachment, commands: &[&str]) -> std::process::Command {
-    let mut psql = std::process::Command::new("psql");
-    psql.arg(support::psql_url(&db.vars["DATABASE_URL"]))
-        .arg("-X");
-    for command in commands {
-        psql.args(["-c", command]);
-    }
-    psql
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_stops_reading_does_not_get_the_session_killed() {
     let Some(lab) = support::lab() else { return };
@@ -387,7 +376,7 @@ async fn a_client_that_stops_reading_does_not_get_the_session_killed() {
 
     // psql writing ~50 MB into a pipe nobody reads: it blocks on stdout, stops reading its
     // socket, and the tunnel's channel backs up until its SSH window is full.
-    let mut psql = psql(
+    let psql = support::psql(
         &db,
         &["COPY (SELECT repeat('x', 1000) FROM generate_series(1, 50000)) TO STDOUT"],
     )
@@ -396,20 +385,7 @@ async fn a_client_that_stops_reading_does_not_get_the_session_killed() {
     .unwrap();
     std::thread::sleep(Duration::from_secs(3));
 
-    let mut out = psql.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut lines = 0usize;
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = std::io::Read::read(&mut out, &mut buf).unwrap();
-            if n == 0 {
-                return lines;
-            }
-            lines += buf[..n].iter().filter(|b| **b == b'\n').count();
-        }
-    });
-    let lines = reader.join().unwrap();
-    assert!(psql.wait().unwrap().success());
+    let (_, lines) = support::read_output(psql).join().unwrap();
     assert_eq!(
         lines, 50_000,
         "the whole result arrives once the client reads"

@@ -913,6 +913,47 @@ pub async fn connect(port: u16) -> Result<tokio_postgres::Client, tokio_postgres
     Ok(client)
 }
 
+/// psql through the attachment's writer forward, running each command in turn.
+pub fn psql(db: &Attachment, commands: &[&str]) -> Command {
+    let mut psql = Command::new("psql");
+    psql.arg(psql_url(&db.vars[&format!("{}_URL", db.prefix)]))
+        .arg("-X");
+    for command in commands {
+        psql.args(["-c", command]);
+    }
+    psql
+}
+
+/// Reads a client's piped stdout to its end in a thread, then requires the client to succeed;
+/// returns the bytes and lines read.
+pub fn read_output(mut client: Child) -> std::thread::JoinHandle<(u64, u64)> {
+    let mut out = client.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let (mut bytes, mut lines) = (0u64, 0u64);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = std::io::Read::read(&mut out, &mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+            lines += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+        }
+        assert!(client.wait().unwrap().success(), "the client failed");
+        (bytes, lines)
+    })
+}
+
+/// A process's resident memory in bytes (0 once it is gone).
+pub fn rss_bytes(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// A libpq URL usable in the lab (which has no DNS for the add-on's host name).
 pub fn psql_url(url: &str) -> String {
     format!("{url}?hostaddr=127.0.0.1")
