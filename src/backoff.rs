@@ -20,11 +20,6 @@ impl Backoff {
         }
     }
 
-    /// The number of delays handed out since the last reset.
-    pub fn attempt(&self) -> u32 {
-        self.attempt
-    }
-
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
@@ -59,7 +54,6 @@ mod tests {
         assert_eq!(ceilings[1], Duration::from_millis(200));
         assert_eq!(ceilings[7], Duration::from_secs(10));
         assert_eq!(ceilings[9], Duration::from_secs(10));
-        assert_eq!(backoff.attempt(), 10);
         backoff.reset();
         assert_eq!(backoff.ceiling(), Duration::from_millis(100));
     }

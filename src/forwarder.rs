@@ -25,6 +25,13 @@ use crate::supervisor::SessionSlot;
 /// The most the app's data is read at once: one SSH packet (russh's default maximum).
 const UP_BUFFER: usize = 32 * 1024;
 
+/// How the forwarder treats a connection; see [`crate::options::Options`].
+#[derive(Debug, Clone, Copy)]
+pub struct ForwarderSettings {
+    /// How long a new connection waits for a session (and its channel) before it is closed.
+    pub connection_wait_timeout: Duration,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{var}: cannot listen on {addr} (port {port}): {source}; expected the port to be free, is another program (or another bpg-tunnel) using it?", port = addr.port())]
 pub struct BindError {
@@ -61,13 +68,13 @@ impl Listener {
     }
 
     /// Accepts until `stop_accepting` is cancelled; each connection runs on `connections` so
-    /// the caller can wait for them to finish, and is cut when `cut` is cancelled.
+    /// the caller can wait for them to finish, and is cut when `shutdown` is cancelled.
     pub async fn serve(
         self,
         sessions: SessionSlot,
-        wait_timeout: Duration,
+        settings: ForwarderSettings,
         stop_accepting: CancellationToken,
-        cut: CancellationToken,
+        shutdown: CancellationToken,
         connections: TaskTracker,
     ) {
         loop {
@@ -85,8 +92,8 @@ impl Listener {
                     connections.spawn(connection.run(
                         stream,
                         sessions.clone(),
-                        wait_timeout,
-                        cut.clone(),
+                        settings,
+                        shutdown.clone(),
                     ));
                 }
                 Err(error) => {
@@ -110,9 +117,10 @@ impl Connection {
         self,
         stream: TcpStream,
         mut sessions: SessionSlot,
-        wait_timeout: Duration,
-        cut: CancellationToken,
+        settings: ForwarderSettings,
+        shutdown: CancellationToken,
     ) {
+        let wait_timeout = settings.connection_wait_timeout;
         let _ = stream.set_nodelay(true);
         let accepted = tokio::time::Instant::now();
         let deadline = accepted + wait_timeout;
@@ -127,7 +135,7 @@ impl Connection {
                 waited = tokio::time::timeout_at(deadline, sessions.wait_for(ready)) => {
                     waited.map(|slot| slot.map(|session| session.clone()))
                 }
-                () = cut.cancelled() => return,
+                () = shutdown.cancelled() => return,
             };
             let session = match waited {
                 Ok(Ok(session)) => session.expect("wait_for guarantees Some"),
@@ -183,7 +191,7 @@ impl Connection {
                 copied = copy(stream, channel) => copied,
                 // A copy waiting for SSH window is not woken when the session dies.
                 () = session_closed.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the SSH session ended")),
-                () = cut.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "bpg-tunnel is stopping")),
+                () = shutdown.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "bpg-tunnel is stopping")),
             };
             match copied {
                 Ok((up, down)) => {

@@ -1,21 +1,30 @@
 //! bpg-tunnel: keeps Borealis Isolated Postgres reachable on 127.0.0.1 from a Heroku dyno.
 //!
-//! One module per concern:
-//! - [`config`]: discovers add-on attachments from the environment.
-//! - [`options`]: the daemon's own settings (`BPG_TUNNEL_*` and flags).
+//! One module per concern; the README's "How the code is laid out" walks the data path.
+//! - [`options`]: the daemon's own settings (`BPG_TUNNEL_*` and flags), turned into each
+//!   component's typed settings.
+//! - `config`: discovers add-on attachments from the environment.
+//! - `engine`: binds, starts, serves and stops every add-on's tunnels.
+//! - `supervisor`: keeps a session up per add-on, reconnecting with `backoff`.
+//! - `ssh`: one authenticated, pinned, keep-alive-checked SSH session.
+//! - `forwarder`: the 127.0.0.1 listeners and the per-connection copy over SSH channels.
+//! - `private_app`: private-app-tunnel mode: the dyno's registration with the add-on's API.
+//! - [`lifecycle`]: the launch forms (foreground, `start`'s daemon, `run --`): when to stop.
 //! - [`logfmt`]: one logfmt line per event on stdout.
-//! - [`ssh`]: one authenticated, pinned, keep-alive-checked SSH session.
-//! - [`supervisor`]: keeps a session up per add-on, reconnecting with [`backoff`].
-//! - [`forwarder`]: the 127.0.0.1 listeners and the per-connection copy over SSH channels.
-//! - [`private_app`]: private-app-tunnel mode: the dyno's registration with the add-on's API.
-//! - [`lifecycle`]: how the process starts, serves and stops.
+//!
+//! Only what the binary needs is public, and [`ConnInfo`], with which the tests and the demo
+//! write the config vars an add-on would set.
 
-pub mod backoff;
-pub mod config;
-pub mod forwarder;
+mod backoff;
+mod config;
+mod engine;
+mod forwarder;
 pub mod lifecycle;
 pub mod logfmt;
 pub mod options;
-pub mod private_app;
-pub mod ssh;
-pub mod supervisor;
+mod private_app;
+mod ssh;
+mod supervisor;
+
+pub use config::conn_info::ConnInfo;
+pub use engine::runtime;

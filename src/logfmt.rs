@@ -14,7 +14,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-pub struct Logfmt;
+struct Logfmt;
 
 impl<S, N> FormatEvent<S, N> for Logfmt
 where
@@ -69,7 +69,7 @@ fn key(field: &Field) -> &'static str {
 }
 
 /// Appends ` key=value`, quoting the value when logfmt requires it.
-pub fn push_pair(line: &mut String, key: &str, value: &str) {
+fn push_pair(line: &mut String, key: &str, value: &str) {
     line.push(' ');
     line.push_str(key);
     line.push('=');

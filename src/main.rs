@@ -1,10 +1,11 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use bpg_tunnel::lifecycle::{self, daemon, run};
-use bpg_tunnel::{logfmt, options::Options};
+use bpg_tunnel::lifecycle::{daemon, foreground, run};
+use bpg_tunnel::logfmt;
+use bpg_tunnel::options::{self, Options};
 
 // musl's allocator hands freed pages back to the kernel at once, and russh allocates a buffer
 // per SSH packet: a bulk COPY spent over a quarter of its time in page faults. mimalloc keeps
@@ -60,22 +61,26 @@ fn main() -> ExitCode {
     forbid_core_dumps();
     // SAFETY: sets a plain integer option; mimalloc reads options on every purge decision.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)
+        .map_err(|error| error.format(&mut Cli::command()))
+        .unwrap_or_else(|error| error.exit());
     logfmt::init(&cli.options.log_filter());
-    let options = cli.options;
+    let settings = cli.options.settings(options::flags_as_env(&matches));
+    let (engine, lifecycle) = (&settings.engine, &settings.lifecycle);
     match cli.command {
-        Some(Command::Start { owner_pid }) => daemon::start(&options, owner_pid),
-        Some(Command::Stop) => daemon::stop(&options),
-        Some(Command::Daemon { owner_pid }) => daemon::daemon(&options, owner_pid),
+        Some(Command::Start { owner_pid }) => daemon::start(lifecycle, owner_pid),
+        Some(Command::Stop) => daemon::stop(lifecycle),
+        Some(Command::Daemon { owner_pid }) => daemon::daemon(engine, lifecycle, owner_pid),
         Some(Command::Run { scrub_env, command }) => {
-            with_runtime(|| run::run(options, command, scrub_env))
+            with_runtime(|| run::run(engine, lifecycle, command, scrub_env))
         }
-        None => with_runtime(|| lifecycle::run_foreground(options)),
+        None => with_runtime(|| foreground::run(engine, lifecycle)),
     }
 }
 
 fn with_runtime<F: std::future::Future<Output = ExitCode>>(future: impl FnOnce() -> F) -> ExitCode {
-    match lifecycle::runtime() {
+    match bpg_tunnel::runtime() {
         Ok(runtime) => runtime.block_on(future()),
         Err(error) => {
             eprintln!("bpg-tunnel: cannot start the async runtime: {error}");

@@ -1,9 +1,19 @@
 //! The daemon's own settings. Every one is a flag and a `BPG_TUNNEL_*` variable, so it can be
-//! set as a Heroku config var without touching the Procfile.
+//! set as a Heroku config var without touching the Procfile. [`Options::settings`] turns them
+//! into each component's own settings, once; nothing else reads `Options`.
 
+use std::ffi::OsString;
 use std::time::Duration;
 
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+
+use crate::engine::EngineSettings;
+use crate::forwarder::ForwarderSettings;
+use crate::lifecycle::LifecycleSettings;
+use crate::private_app::RegistrationSettings;
+use crate::ssh::SessionSettings;
+use crate::supervisor::SupervisorSettings;
 
 #[derive(Debug, Clone, Args)]
 pub struct Options {
@@ -42,8 +52,8 @@ pub struct Options {
     pub drain_timeout: Duration,
 
     /// Once the app is gone (or on a plain stop), how long open connections get to finish.
-    #[arg(long, env = "BPG_TUNNEL_GRACE", default_value = "2s", value_parser = parse_duration)]
-    pub owner_grace: Duration,
+    #[arg(long, alias = "owner-grace", env = "BPG_TUNNEL_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub grace: Duration,
 
     /// Where the daemon keeps its pid file; default `$XDG_RUNTIME_DIR`, else `$HOME/.borealis-pg`.
     #[arg(long, env = "BPG_TUNNEL_STATE_DIR")]
@@ -75,50 +85,37 @@ pub struct Options {
 }
 
 impl Options {
-    /// These settings as `BPG_TUNNEL_*` variables, so a re-executed daemon gets the values the
-    /// caller gave as flags.
-    pub fn to_env(&self) -> Vec<(&'static str, String)> {
-        let ms = |d: Duration| format!("{}ms", d.as_millis());
-        let mut env = vec![
-            ("BPG_TUNNEL_CONNECT_TIMEOUT", ms(self.connect_timeout)),
-            ("BPG_TUNNEL_KEEPALIVE_INTERVAL", ms(self.keepalive_interval)),
-            (
-                "BPG_TUNNEL_KEEPALIVE_COUNT",
-                self.keepalive_count.to_string(),
-            ),
-            (
-                "BPG_TUNNEL_CONNECTION_WAIT_TIMEOUT",
-                ms(self.connection_wait_timeout),
-            ),
-            (
-                "BPG_TUNNEL_RECONNECT_MAX_DELAY",
-                ms(self.reconnect_max_delay),
-            ),
-            ("BPG_TUNNEL_AUTH_FAILURE_DELAY", ms(self.auth_failure_delay)),
-            ("BPG_TUNNEL_READY_TIMEOUT", ms(self.ready_timeout)),
-            ("BPG_TUNNEL_DRAIN_TIMEOUT", ms(self.drain_timeout)),
-            ("BPG_TUNNEL_GRACE", ms(self.owner_grace)),
-            ("BPG_TUNNEL_LOG", self.log_filter()),
-        ];
-        env.push((
-            "BPG_TUNNEL_PRIVATE_TUNNEL_EXTEND_INTERVAL",
-            ms(self.private_tunnel_extend_interval),
-        ));
-        env.push((
-            "BPG_TUNNEL_PRIVATE_TUNNEL_RETRY_INTERVAL",
-            ms(self.private_tunnel_retry_interval),
-        ));
-        env.push((
-            "BPG_TUNNEL_PRIVATE_TUNNEL_REQUEST_TIMEOUT",
-            ms(self.private_tunnel_request_timeout),
-        ));
-        if let Some(dir) = &self.state_dir {
-            env.push(("BPG_TUNNEL_STATE_DIR", dir.display().to_string()));
+    /// Each component's settings, built once; `flags_env` is what [`flags_as_env`] found.
+    pub fn settings(&self, flags_env: Vec<(String, OsString)>) -> Settings {
+        Settings {
+            engine: EngineSettings {
+                supervisor: SupervisorSettings {
+                    session: SessionSettings {
+                        connect_timeout: self.connect_timeout,
+                        keepalive_interval: self.keepalive_interval,
+                        keepalive_count: self.keepalive_count,
+                    },
+                    reconnect_max_delay: self.reconnect_max_delay,
+                    auth_failure_delay: self.auth_failure_delay,
+                },
+                forwarder: ForwarderSettings {
+                    connection_wait_timeout: self.connection_wait_timeout,
+                },
+                registration: RegistrationSettings {
+                    extend_interval: self.private_tunnel_extend_interval,
+                    retry_interval: self.private_tunnel_retry_interval,
+                    request_timeout: self.private_tunnel_request_timeout,
+                    test_api_ca_file: self.test_api_ca_file.clone(),
+                },
+            },
+            lifecycle: LifecycleSettings {
+                ready_timeout: self.ready_timeout,
+                drain_timeout: self.drain_timeout,
+                grace: self.grace,
+                state_dir: self.state_dir.clone(),
+                flags_env,
+            },
         }
-        if let Some(file) = &self.test_api_ca_file {
-            env.push(("BPG_TUNNEL_TEST_API_CA_FILE", file.display().to_string()));
-        }
-        env
     }
 
     pub fn log_filter(&self) -> String {
@@ -129,8 +126,33 @@ impl Options {
     }
 }
 
+/// Every component's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub engine: EngineSettings,
+    pub lifecycle: LifecycleSettings,
+}
+
+/// The options given as flags, as the `BPG_TUNNEL_*` variables they stand for: a re-executed
+/// daemon gets them this way (it inherits those set as variables). The table is clap's own
+/// (each option's `env`), so no option can be forgotten here.
+pub fn flags_as_env(matches: &ArgMatches) -> Vec<(String, OsString)> {
+    Options::augment_args(clap::Command::new("options"))
+        .get_arguments()
+        .filter_map(|arg| {
+            let var = arg.get_env()?;
+            let id = arg.get_id().as_str();
+            if matches.value_source(id) != Some(ValueSource::CommandLine) {
+                return None;
+            }
+            let value = matches.get_raw(id)?.next()?;
+            Some((var.to_string_lossy().into_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
 /// A renewal period the add-on's 75 min expiry leaves room for.
-pub fn parse_extend_interval(raw: &str) -> Result<Duration, String> {
+fn parse_extend_interval(raw: &str) -> Result<Duration, String> {
     let interval = parse_positive_duration(raw)?;
     if interval >= Duration::from_secs(75 * 60) {
         return Err(
@@ -143,7 +165,7 @@ pub fn parse_extend_interval(raw: &str) -> Result<Duration, String> {
 
 /// Like [`parse_duration`], but zero is refused (a zero connect timeout or keepalive interval
 /// would keep every session from ever staying up).
-pub fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
+fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
     match parse_duration(raw)? {
         d if d < Duration::from_millis(100) => {
             Err(format!("{raw:?} is too short; expected at least 100ms"))
@@ -156,7 +178,7 @@ pub fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// Accepts `250ms`, `3s`, `2m`, `1h`, or a bare number of seconds (`1.5`).
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
     let split = raw
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -181,6 +203,69 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        options: Options,
+        #[command(subcommand)]
+        command: Option<Command>,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Command {
+        Start {
+            #[arg(long)]
+            owner_pid: i32,
+        },
+    }
+
+    #[test]
+    fn every_option_is_a_variable_too() {
+        let command = Options::augment_args(clap::Command::new("options"));
+        for arg in command.get_arguments() {
+            let var = arg.get_env().map(|v| v.to_string_lossy().into_owned());
+            assert!(
+                var.is_some_and(|v| v.starts_with("BPG_TUNNEL_")),
+                "--{} has no BPG_TUNNEL_* variable",
+                arg.get_id()
+            );
+        }
+    }
+
+    #[test]
+    fn only_flags_given_are_passed_on_as_variables() {
+        let matches = Cli::command()
+            .try_get_matches_from([
+                "bpg-tunnel",
+                "--grace",
+                "1500ms",
+                "--log",
+                "debug",
+                "start",
+                "--owner-pid",
+                "5",
+            ])
+            .unwrap();
+        let mut env = flags_as_env(&matches);
+        env.sort();
+        assert_eq!(
+            env,
+            [
+                ("BPG_TUNNEL_GRACE".to_owned(), OsString::from("1500ms")),
+                ("BPG_TUNNEL_LOG".to_owned(), OsString::from("debug")),
+            ]
+        );
+        // The old flag name still works, and means the same variable.
+        let matches = Cli::command()
+            .try_get_matches_from(["bpg-tunnel", "--owner-grace", "1s"])
+            .unwrap();
+        assert_eq!(
+            flags_as_env(&matches),
+            [("BPG_TUNNEL_GRACE".to_owned(), OsString::from("1s"))]
+        );
+    }
 
     #[test]
     fn durations() {

@@ -7,7 +7,7 @@
 //! The token (`CLIENT_APP_JWT`) goes into the Authorization header and nowhere else: errors are
 //! built from status codes and error kinds, never from request or response text.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -84,15 +84,14 @@ pub enum ClientSetupError {
 /// An HTTPS client for one add-on's API: rustls with the built-in web PKI roots (the static
 /// binary needs no system CA store), no redirects (they could carry the token elsewhere), and
 /// a timeout on every request.
-#[derive(Clone)]
-pub struct ApiClient {
+struct ApiClient {
     http: reqwest::Client,
     tunnels_url: url::Url,
     client_id: String,
 }
 
 impl ApiClient {
-    pub fn new(
+    fn new(
         app: &PrivateApp,
         client_id: &str,
         request_timeout: Duration,
@@ -155,7 +154,7 @@ impl ApiClient {
     }
 
     /// Registers this dyno, or renews its registration (the same request).
-    pub async fn register(&self) -> Result<(), ApiError> {
+    async fn register(&self) -> Result<(), ApiError> {
         let body = serde_json::json!({
             "clientId": self.client_id,
             "autoDestroyDelaySeconds": AUTO_DESTROY_DELAY.as_secs(),
@@ -167,7 +166,7 @@ impl ApiClient {
         check(request.send().await)
     }
 
-    pub async fn deregister(&self) -> Result<(), ApiError> {
+    async fn deregister(&self) -> Result<(), ApiError> {
         let mut url = self.tunnels_url.clone();
         url.path_segments_mut()
             .expect("checked in new")
@@ -207,11 +206,14 @@ pub fn client_id() -> (String, Option<&'static str>) {
     (format!("{dyno}_{boot_id}"), fallback)
 }
 
-/// Timing of one registration; see [`crate::options::Options`].
+/// How a registration is kept; see [`crate::options::Options`].
 #[derive(Debug, Clone)]
 pub struct RegistrationSettings {
     pub extend_interval: Duration,
     pub retry_interval: Duration,
+    pub request_timeout: Duration,
+    /// One more CA to trust for the API (tests only).
+    pub test_api_ca_file: Option<PathBuf>,
 }
 
 /// Keeps one add-on's registration for the life of the process.
@@ -223,13 +225,24 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub fn new(addon: &str, api: ApiClient, settings: RegistrationSettings) -> Registration {
-        Registration {
-            addon: addon.to_owned(),
+    /// The registration of this dyno (`client_id`, see [`client_id`]) with `app`.
+    pub fn new(
+        app: &PrivateApp,
+        client_id: &str,
+        settings: &RegistrationSettings,
+    ) -> Result<Registration, ClientSetupError> {
+        let api = ApiClient::new(
+            app,
+            client_id,
+            settings.request_timeout,
+            settings.test_api_ca_file.as_deref(),
+        )?;
+        Ok(Registration {
+            addon: app.name.clone(),
             api,
-            settings,
+            settings: settings.clone(),
             registered: watch::Sender::new(false),
-        }
+        })
     }
 
     pub fn addon_name(&self) -> &str {

@@ -26,7 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::config::{describe_key, HostKey, SshServer};
+use crate::config::keys::{describe_key, HostKey};
+use crate::config::SshServer;
 
 /// Two full SSH packets: one read drains what a busy server has sent since the last one.
 const SOCKET_READ_BUFFER: usize = 64 * 1024;
@@ -116,7 +117,6 @@ pub struct Session {
     bytes_in: Arc<AtomicU64>,
     closed: CancellationToken,
     close_reason: Arc<Mutex<Option<String>>>,
-    server: String,
 }
 
 impl Session {
@@ -177,7 +177,6 @@ impl Session {
                 bytes_in,
                 closed,
                 close_reason,
-                server: name,
             }),
             Err(error) => {
                 // Stops russh's session task, which may be blocked on the socket.
@@ -185,10 +184,6 @@ impl Session {
                 Err(error)
             }
         }
-    }
-
-    pub fn server(&self) -> &str {
-        &self.server
     }
 
     pub fn is_closed(&self) -> bool {

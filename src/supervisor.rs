@@ -20,30 +20,31 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// A session that lasted this long resets the backoff: the next loss is treated as new.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Longest pause after repeated rejections (wrong key, wrong host key).
-const MAX_REJECTION_DELAY: Duration = Duration::from_secs(600);
+const MAX_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(600);
 
 pub type SessionSlot = watch::Receiver<Option<Arc<Session>>>;
 
+/// How a supervisor keeps its sessions; see [`crate::options::Options`].
+#[derive(Debug, Clone)]
+pub struct SupervisorSettings {
+    pub session: SessionSettings,
+    /// Longest pause between reconnects after network failures.
+    pub reconnect_max_delay: Duration,
+    /// First pause after the server rejected our key or showed another host key.
+    pub auth_failure_delay: Duration,
+}
+
 pub struct Supervisor {
     addon: Addon,
-    settings: SessionSettings,
-    reconnect_max_delay: Duration,
-    rejection_delay: Duration,
+    settings: SupervisorSettings,
     current: watch::Sender<Option<Arc<Session>>>,
 }
 
 impl Supervisor {
-    pub fn new(
-        addon: Addon,
-        settings: SessionSettings,
-        reconnect_max_delay: Duration,
-        rejection_delay: Duration,
-    ) -> Supervisor {
+    pub fn new(addon: Addon, settings: SupervisorSettings) -> Supervisor {
         Supervisor {
             addon,
             settings,
-            reconnect_max_delay,
-            rejection_delay,
             current: watch::Sender::new(None),
         }
     }
@@ -61,7 +62,7 @@ impl Supervisor {
     pub async fn run(self, shutdown: CancellationToken) {
         let addon = self.addon.name.as_str();
         let server = format!("{}:{}", self.addon.ssh.host, self.addon.ssh.port);
-        let mut backoff = Backoff::new(FIRST_RETRY, self.reconnect_max_delay);
+        let mut backoff = Backoff::new(FIRST_RETRY, self.settings.reconnect_max_delay);
         let mut rejections = 0u32;
         let mut attempt = 0u32;
         loop {
@@ -69,7 +70,7 @@ impl Supervisor {
             info!(event = "ssh-connecting", addon, server, attempt);
             let started = Instant::now();
             let connected = tokio::select! {
-                result = Session::connect(&self.addon.ssh, &self.settings) => result,
+                result = Session::connect(&self.addon.ssh, &self.settings.session) => result,
                 () = shutdown.cancelled() => break,
             };
             let delay = match connected {
@@ -87,7 +88,7 @@ impl Supervisor {
                     self.current.send_replace(Some(session.clone()));
                     let up_since = Instant::now();
                     let ended = tokio::select! {
-                        ended = session.ended(&self.settings) => Some(ended),
+                        ended = session.ended(&self.settings.session) => Some(ended),
                         () = shutdown.cancelled() => None,
                     };
                     self.current.send_replace(None);
@@ -113,8 +114,8 @@ impl Supervisor {
                         SessionError::HostKeyMismatch { .. } => "host-key-mismatch",
                         _ => "auth-failed",
                     };
-                    error!(event, addon, server, error = %error);
-                    rejection_delay(self.rejection_delay, rejections)
+                    error!(event, addon, server, var = %self.addon.conn_info_var, error = %error);
+                    auth_failure_delay(self.settings.auth_failure_delay, rejections)
                 }
                 Err(error) => {
                     warn!(event = "ssh-connect-failed", addon, server, error = %error);
@@ -139,9 +140,9 @@ impl Supervisor {
 
 /// Doubles from `base` per consecutive rejection up to ten minutes, with up to 25% added at
 /// random so that a fleet of dynos with the same bad key does not knock in step.
-fn rejection_delay(base: Duration, rejections: u32) -> Duration {
+fn auth_failure_delay(base: Duration, rejections: u32) -> Duration {
     let doubled = base.saturating_mul(2u32.saturating_pow(rejections.saturating_sub(1).min(16)));
-    let capped = doubled.min(MAX_REJECTION_DELAY.max(base));
+    let capped = doubled.min(MAX_AUTH_FAILURE_DELAY.max(base));
     capped + capped.mul_f64(fastrand::f64() * 0.25)
 }
 
@@ -152,11 +153,11 @@ mod tests {
     #[test]
     fn rejections_back_off_from_the_base_and_are_capped() {
         let base = Duration::from_secs(30);
-        let first = rejection_delay(base, 1);
+        let first = auth_failure_delay(base, 1);
         assert!(first >= base && first <= base.mul_f64(1.25));
-        let second = rejection_delay(base, 2);
+        let second = auth_failure_delay(base, 2);
         assert!(second >= base * 2);
-        let many = rejection_delay(base, 50);
-        assert!(many >= MAX_REJECTION_DELAY && many <= MAX_REJECTION_DELAY.mul_f64(1.25));
+        let many = auth_failure_delay(base, 50);
+        assert!(many >= MAX_AUTH_FAILURE_DELAY && many <= MAX_AUTH_FAILURE_DELAY.mul_f64(1.25));
     }
 }

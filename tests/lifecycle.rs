@@ -153,6 +153,26 @@ fn one_off_owner_exits_without_a_signal_and_the_daemon_follows() {
 }
 
 #[test]
+fn settings_given_to_start_as_flags_reach_the_daemon() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (mut vars, _) = dyno_vars(&lab, &state);
+    vars.remove("BPG_TUNNEL_STATE_DIR");
+    vars.insert("STATE".into(), state.path().display().to_string());
+    // BPG_TUNNEL_LOG=info is set too: the flag must win in the daemon as it does in `start`.
+    let dyno = Tunnel::bash(
+        vars.iter(),
+        r#"bpg-tunnel --state-dir "$STATE" --log debug start --owner-pid $$; psql "$APP_URL" -XAtc "select 'ok'"; echo booted; sleep 30"#,
+    );
+    dyno.wait_for(&["booted"], T);
+    assert!(dyno.lines().iter().any(|l| l == "ok"));
+    let daemon = daemon_pid(state.path()).expect("the daemon's pid file is in --state-dir");
+    dyno.wait_for(&["event=connection-open"], T);
+    unsafe { libc::kill(daemon, libc::SIGHUP) };
+    wait_gone(daemon, Duration::from_secs(5)).unwrap();
+}
+
+#[test]
 fn start_is_idempotent_ignores_a_stale_pid_file_and_never_blocks_the_boot() {
     let Some(lab) = support::lab() else { return };
     let state = tempfile::tempdir().unwrap();
@@ -237,6 +257,38 @@ while true; do sleep 0.1; done"#;
     assert!(out.contains("got-sigterm"), "{out}");
     assert!(out.contains("in-flight-ok"), "{out}");
     assert_eq!(status.code(), Some(3), "{out}");
+}
+
+#[test]
+fn run_scrubs_the_secrets_reports_a_missing_command_and_runs_the_app_without_tunnels() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (vars, _) = dyno_vars(&lab, &state);
+
+    let app = r#"echo "conn-info=${DATABASE_TUNNEL_BPG_CONN_INFO:-unset} url=${DATABASE_URL:+set}"; psql "$APP_URL" -XAtc "select 'through'""#;
+    let mut run = Tunnel::spawn(vars.iter(), &["run", "--scrub-env", "--", "sh", "-c", app]);
+    let status = run.wait_exit(T).expect("run exits with its command");
+    let out = run.lines().join("\n");
+    assert!(status.success(), "{out}");
+    assert!(out.contains("conn-info=unset url=set"), "{out}");
+    assert!(out.contains("through"), "{out}");
+    assert!(out.contains("event=stopped"), "{out}");
+
+    // As a shell would: 127 for a command that is not there; the tunnels still stop in order.
+    let mut run = Tunnel::spawn(vars.iter(), &["run", "--", "/nonexistent/app"]);
+    let status = run.wait_exit(T).expect("run exits");
+    let out = run.lines().join("\n");
+    assert_eq!(status.code(), Some(127), "{out}");
+    assert!(out.contains("event=command-failed"), "{out}");
+    assert!(out.contains("event=stopped"), "{out}");
+
+    // Nothing to serve: the app still runs, and its status is run's.
+    let no_addon = BTreeMap::<String, String>::new();
+    let mut run = Tunnel::spawn(no_addon.iter(), &["run", "--", "sh", "-c", "exit 7"]);
+    let status = run.wait_exit(T).expect("run exits");
+    let out = run.lines().join("\n");
+    assert_eq!(status.code(), Some(7), "{out}");
+    assert!(out.contains("event=nothing-to-serve"), "{out}");
 }
 
 fn shell_quote(raw: &str) -> String {

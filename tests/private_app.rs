@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use support::api::{FakeApi, Reply, Request};
 use support::Tunnel;
 
+use bpg_tunnel::ConnInfo;
+
 const T: Duration = Duration::from_secs(30);
 const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0ZXN0LWFwcCJ9.dGVzdC1zaWduYXR1cmUtc2VjcmV0";
 
@@ -24,11 +26,14 @@ fn boot_id() -> String {
 /// The config vars of a private-app add-on under `prefix`, plus a private state dir and fast
 /// timings for the test.
 fn private_app(api: &FakeApi, prefix: &str, state: &Path) -> BTreeMap<String, String> {
-    let conn_info = format!(
-        "API_BASE_URL:={}|ADDON_ID:=addon-{}|CLIENT_APP_JWT:={JWT}",
-        api.base_url(),
-        prefix.to_ascii_lowercase()
-    );
+    let conn_info = ConnInfo::render([
+        ("API_BASE_URL", api.base_url().as_str()),
+        (
+            "ADDON_ID",
+            &format!("addon-{}", prefix.to_ascii_lowercase()),
+        ),
+        ("CLIENT_APP_JWT", JWT),
+    ]);
     [
         (format!("{prefix}_TUNNEL_BPG_CONN_INFO"), conn_info),
         (

@@ -1,5 +1,7 @@
 //! Discovery of every Borealis add-on attachment from the environment (see
-//! `docs/addon-contract.md`: "Config vars", "The conn-info value", "SSH-forward mode").
+//! `docs/addon-contract.md`: "Config vars", "The conn-info value", "SSH-forward mode"): the
+//! model of what was found, and the scan that finds it. Each attachment's variables are read by
+//! [`parser`], its keys by [`keys`].
 //!
 //! Discovery never fails as a whole: each add-on is parsed on its own, and whatever is wrong
 //! with one becomes a [`Problem`] naming the variable and the key, so the others still run and
@@ -7,20 +9,22 @@
 
 pub mod conn_info;
 pub mod db_url;
+pub mod keys;
+mod parser;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use russh::keys::{PrivateKey, PublicKey};
+use keys::{ClientKey, HostKey};
+use parser::{AddonParser, Parsed};
 
-use conn_info::ConnInfo;
-use db_url::UrlHost;
-
+/// The suffix of the variable that holds an attachment's conn-info, and its legacy form; what
+/// comes before it is the attachment's prefix (`DATABASE`, `BOREALIS_PG_RED`, ...).
+pub const CONN_INFO_SUFFIXES: [&str; 2] = [CONN_INFO_SUFFIX, LEGACY_CONN_INFO_SUFFIX];
 const CONN_INFO_SUFFIX: &str = "_TUNNEL_BPG_CONN_INFO";
 const LEGACY_CONN_INFO_SUFFIX: &str = "_SSH_TUNNEL_BPG_CONNECTION_INFO";
-const DEFAULT_SSH_PORT: u16 = 22;
 
 /// An add-on in private-app-tunnel mode (`docs/addon-contract.md`, "Private-app-tunnel mode"): no
 /// SSH; the dyno registers with the add-on's API so the add-on's network lets it reach the
@@ -64,50 +68,6 @@ pub struct SshServer {
     pub username: String,
     pub private_key: ClientKey,
     pub host_key: HostKey,
-}
-
-/// The client's private key, held only in memory. `ssh_key` zeroizes it on drop.
-#[derive(Clone)]
-pub struct ClientKey(pub Arc<PrivateKey>);
-
-impl fmt::Debug for ClientKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ClientKey({})", self.0.algorithm())
-    }
-}
-
-/// The server key the add-on told us to expect. Compared by exact blob equality.
-#[derive(Clone, PartialEq, Eq)]
-pub struct HostKey {
-    key: PublicKey,
-    blob: Vec<u8>,
-}
-
-impl HostKey {
-    pub fn matches(&self, presented: &PublicKey) -> bool {
-        presented
-            .to_bytes()
-            .is_ok_and(|presented| presented == self.blob)
-    }
-
-    /// `ssh-ed25519 SHA256:...`, the form OpenSSH prints, for log lines.
-    pub fn describe(&self) -> String {
-        describe_key(&self.key)
-    }
-}
-
-impl fmt::Debug for HostKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "HostKey({})", self.describe())
-    }
-}
-
-pub fn describe_key(key: &PublicKey) -> String {
-    format!(
-        "{} {}",
-        key.algorithm(),
-        key.fingerprint(russh::keys::HashAlg::Sha256)
-    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -171,22 +131,22 @@ pub struct Discovery {
     pub problems: Vec<Problem>,
 }
 
-enum Parsed {
-    Ssh(Addon),
-    PrivateApp(PrivateApp),
-}
-
 impl Discovery {
     /// No add-on is attached at all (nothing served, nothing to report).
     pub fn is_empty(&self) -> bool {
         self.addons.is_empty() && self.private_apps.is_empty() && self.problems.is_empty()
     }
+}
 
-    pub fn errors(&self) -> impl Iterator<Item = &Problem> {
-        self.problems
-            .iter()
-            .filter(|p| p.severity == Severity::Error)
-    }
+/// Reads the environment the way the add-on sets it; non-UTF-8 values cannot be add-on config,
+/// so they are decoded lossily rather than rejected.
+pub fn discover_env() -> Discovery {
+    discover(std::env::vars_os().map(|(k, v)| {
+        (
+            k.to_string_lossy().into_owned(),
+            v.to_string_lossy().into_owned(),
+        )
+    }))
 }
 
 /// Scans `vars` (normally `std::env::vars_os()`, lossily decoded) for add-on attachments.
@@ -320,414 +280,6 @@ fn admit_private_app(app: PrivateApp, discovery: &mut Discovery) {
         }),
         None => discovery.private_apps.push(app),
     }
-}
-
-struct AddonParser<'a> {
-    env: &'a BTreeMap<String, String>,
-    prefix: &'a str,
-    var: &'a str,
-    problems: &'a mut Vec<Problem>,
-}
-
-impl AddonParser<'_> {
-    fn problem(
-        &mut self,
-        severity: Severity,
-        var: &str,
-        key: Option<&'static str>,
-        message: String,
-    ) {
-        self.problems.push(Problem {
-            severity,
-            addon: self.prefix.to_owned(),
-            var: var.to_owned(),
-            key,
-            message,
-        });
-    }
-
-    fn key_error(&mut self, key: &'static str, message: impl Into<String>) {
-        let var = self.var.to_owned();
-        self.problem(Severity::Error, &var, Some(key), message.into());
-    }
-
-    fn parse(&mut self) -> Option<Parsed> {
-        let info = ConnInfo::parse(&self.env[self.var]);
-        if !info.malformed_items().is_empty() {
-            let var = self.var.to_owned();
-            let items = info
-                .malformed_items()
-                .iter()
-                .map(usize::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
-            self.problem(
-                Severity::Notice,
-                &var,
-                None,
-                format!("item(s) {items} ignored: expected KEY:=VALUE"),
-            );
-        }
-
-        let url_var = format!("{}_URL", self.prefix);
-        let writer_url = self.url(&url_var, true)?;
-        let UrlHost::Local(listen_ip) = writer_url.host else {
-            // The database is reached directly: private-app-tunnel mode.
-            return self.private_app(&info).map(Parsed::PrivateApp);
-        };
-
-        // Parse every key before giving up, so one run of the app lists every mistake.
-        let host = self.required(
-            &info,
-            "SSH_HOST",
-            "the SSH server's host name or IP address",
-        );
-        let port = self.port(&info, "SSH_PORT", DEFAULT_SSH_PORT);
-        let username = self.required(&info, "SSH_USERNAME", "the SSH user name");
-        let private_key = self.private_key(&info);
-        let host_key = self.host_key(&info);
-        let writer_host = self.required(
-            &info,
-            "POSTGRES_WRITER_HOST",
-            "the writer database host name",
-        );
-        let pg_port = self.port(&info, "POSTGRES_PORT", db_url::DEFAULT_PG_PORT);
-        let reader_host = info
-            .get("POSTGRES_READER_HOST")
-            .map(|h| h.trim().to_owned());
-
-        let (
-            Some(host),
-            Some(port),
-            Some(username),
-            Some(private_key),
-            Some(host_key),
-            Some(writer_host),
-            Some(pg_port),
-        ) = (
-            host,
-            port,
-            username,
-            private_key,
-            host_key,
-            writer_host,
-            pg_port,
-        )
-        else {
-            return None;
-        };
-
-        let writer = Forward {
-            role: Role::Writer,
-            listen: SocketAddr::new(listen_ip, writer_url.port),
-            url_var: url_var.clone(),
-            remote_host: writer_host,
-            remote_port: pg_port,
-        };
-        let mut forwards = vec![writer.clone()];
-        let reader_var = format!("{}_READONLY_URL", self.prefix);
-        let reader_host = reader_host.filter(|h| !h.is_empty());
-        match (reader_host, self.env.contains_key(&reader_var)) {
-            (Some(reader_host), true) => {
-                if let Some(reader) = self.reader(&reader_var, reader_host, pg_port, &writer) {
-                    forwards.push(reader);
-                }
-            }
-            // An add-on without a replica; worth a word since the app may try the URL anyway.
-            (None, true) => {
-                let var = self.var.to_owned();
-                self.problem(
-                    Severity::Notice,
-                    &var,
-                    Some("POSTGRES_READER_HOST"),
-                    format!("is not set, so {reader_var} is not served; expected the reader database host when the add-on has a read-only replica"),
-                );
-            }
-            (_, false) => {}
-        }
-
-        Some(Parsed::Ssh(Addon {
-            name: self.prefix.to_owned(),
-            conn_info_var: self.var.to_owned(),
-            ssh: SshServer {
-                host,
-                port,
-                username,
-                private_key,
-                host_key,
-            },
-            forwards,
-        }))
-    }
-
-    fn private_app(&mut self, info: &ConnInfo) -> Option<PrivateApp> {
-        let api_base_url = self.api_base_url(info);
-        let addon_id = self.required(info, "ADDON_ID", "the add-on's id");
-        let jwt = match info.get("CLIENT_APP_JWT").map(str::trim) {
-            Some(jwt) if !jwt.is_empty() && !jwt.contains(char::is_whitespace) => {
-                Some(Jwt(Arc::new(zeroize::Zeroizing::new(jwt.to_owned()))))
-            }
-            Some(_) => {
-                self.key_error(
-                    "CLIENT_APP_JWT",
-                    "contains white space; expected the add-on's client token",
-                );
-                None
-            }
-            None => {
-                self.key_error(
-                    "CLIENT_APP_JWT",
-                    "is missing; expected the add-on's client token (private-app-tunnel mode, since the URL's host is not pg-tunnel.borealis-data.com)",
-                );
-                None
-            }
-        };
-        Some(PrivateApp {
-            name: self.prefix.to_owned(),
-            conn_info_var: self.var.to_owned(),
-            api_base_url: api_base_url?,
-            addon_id: addon_id?,
-            jwt: jwt?,
-        })
-    }
-
-    fn api_base_url(&mut self, info: &ConnInfo) -> Option<url::Url> {
-        const KEY: &str = "API_BASE_URL";
-        let raw = self.required(
-            info,
-            KEY,
-            "the add-on's API address (private-app-tunnel mode, since the URL's host is not pg-tunnel.borealis-data.com)",
-        )?;
-        let parsed = match url::Url::parse(&raw) {
-            Ok(parsed) => parsed,
-            Err(error) => {
-                self.key_error(
-                    KEY,
-                    format!("is not a URL ({error}); expected https://host[/path]"),
-                );
-                return None;
-            }
-        };
-        if parsed.scheme() != "https" || parsed.host().is_none() {
-            self.key_error(KEY, format!("has scheme {:?}; expected an https:// URL, since the request carries the add-on's token", parsed.scheme()));
-            return None;
-        }
-        if parsed.query().is_some()
-            || parsed.fragment().is_some()
-            || !parsed.username().is_empty()
-            || parsed.password().is_some()
-        {
-            self.key_error(
-                KEY,
-                "has a query, fragment or user info; expected https://host[:port][/path]",
-            );
-            return None;
-        }
-        let mut base = parsed;
-        let trimmed = base.path().trim_end_matches('/').to_owned();
-        base.set_path(&trimmed);
-        Some(base)
-    }
-
-    fn reader(
-        &mut self,
-        reader_var: &str,
-        reader_host: String,
-        pg_port: u16,
-        writer: &Forward,
-    ) -> Option<Forward> {
-        let url = self.url(reader_var, false)?;
-        let UrlHost::Local(ip) = url.host else {
-            self.problem(
-                Severity::Error,
-                reader_var,
-                None,
-                "expected the same local host as the writer URL (pg-tunnel.borealis-data.com); the reader is not served".into(),
-            );
-            return None;
-        };
-        let listen = SocketAddr::new(ip, url.port);
-        if listen == writer.listen {
-            self.problem(
-                Severity::Error,
-                reader_var,
-                None,
-                format!(
-                    "names the same local port {} as {}; expected a different port, so the reader is not served",
-                    url.port, writer.url_var
-                ),
-            );
-            return None;
-        }
-        Some(Forward {
-            role: Role::Reader,
-            listen,
-            url_var: reader_var.to_owned(),
-            remote_host: reader_host,
-            remote_port: pg_port,
-        })
-    }
-
-    fn url(&mut self, var: &str, required: bool) -> Option<db_url::DbUrl> {
-        let Some(value) = self.env.get(var) else {
-            if required {
-                self.problem(
-                    Severity::Error,
-                    var,
-                    None,
-                    format!(
-                        "is not set; expected the database URL that goes with {}",
-                        self.var
-                    ),
-                );
-            }
-            return None;
-        };
-        match db_url::parse(value) {
-            Ok(url) => {
-                if url.port_defaulted {
-                    self.problem(
-                        Severity::Notice,
-                        var,
-                        None,
-                        format!(
-                            "names no port; listening on {}, the port PostgreSQL clients use by default",
-                            url.port
-                        ),
-                    );
-                }
-                Some(url)
-            }
-            Err(problem) => {
-                let served = if required {
-                    "this add-on"
-                } else {
-                    "the reader"
-                };
-                self.problem(
-                    Severity::Error,
-                    var,
-                    None,
-                    format!("{problem}; {served} is not served"),
-                );
-                None
-            }
-        }
-    }
-
-    fn required(&mut self, info: &ConnInfo, key: &'static str, expected: &str) -> Option<String> {
-        match info.get(key).map(str::trim) {
-            Some(value) if !value.is_empty() && !value.contains(char::is_whitespace) => {
-                Some(value.to_owned())
-            }
-            Some(_) => {
-                self.key_error(key, format!("contains white space; expected {expected}"));
-                None
-            }
-            None => {
-                self.key_error(key, format!("is missing; expected {expected}"));
-                None
-            }
-        }
-    }
-
-    fn port(&mut self, info: &ConnInfo, key: &'static str, default: u16) -> Option<u16> {
-        let Some(raw) = info.get(key) else {
-            return Some(default);
-        };
-        match raw.trim().parse::<u16>() {
-            Ok(port) if port != 0 => Some(port),
-            _ => {
-                self.key_error(
-                    key,
-                    format!("is {raw:?}; expected a port number from 1 to 65535"),
-                );
-                None
-            }
-        }
-    }
-
-    fn private_key(&mut self, info: &ConnInfo) -> Option<ClientKey> {
-        const KEY: &str = "SSH_USER_PRIVATE_KEY";
-        let Some(raw) = info.get(KEY) else {
-            self.key_error(KEY, "is missing; expected the SSH client private key");
-            return None;
-        };
-        match parse_private_key(raw) {
-            Ok(key) => Some(ClientKey(Arc::new(key))),
-            Err(message) => {
-                self.key_error(KEY, message);
-                None
-            }
-        }
-    }
-
-    fn host_key(&mut self, info: &ConnInfo) -> Option<HostKey> {
-        const KEY: &str = "SSH_PUBLIC_HOST_KEY";
-        let Some(raw) = info.get(KEY) else {
-            self.key_error(
-                KEY,
-                "is missing; expected the SSH server's public key as \"<type> <base64>\"",
-            );
-            return None;
-        };
-        match parse_host_key(raw) {
-            Ok(key) => Some(key),
-            Err(message) => {
-                self.key_error(KEY, message);
-                None
-            }
-        }
-    }
-}
-
-/// Accepts OpenSSH and PEM (PKCS#1, SEC1, PKCS#8) encodings, tolerating CRLF and stray
-/// indentation. The returned message never contains key material.
-pub fn parse_private_key(raw: &str) -> Result<PrivateKey, String> {
-    let mut normalized = zeroize::Zeroizing::new(String::with_capacity(raw.len() + 1));
-    for line in raw.lines() {
-        normalized.push_str(line.trim());
-        normalized.push('\n');
-    }
-    match russh::keys::decode_secret_key(&normalized, None) {
-        Ok(key) => Ok(key),
-        Err(russh::keys::Error::KeyIsEncrypted) => Err(
-            "is protected by a passphrase; expected an unencrypted private key".into(),
-        ),
-        Err(russh::keys::Error::UnsupportedKeyType { .. }) => Err(
-            "is of an unsupported type; expected an ed25519, RSA or ECDSA private key".into(),
-        ),
-        Err(_) => Err(
-            "could not be read; expected an unencrypted ed25519, RSA or ECDSA private key in OpenSSH or PEM (PKCS#1, SEC1, PKCS#8) format, with newlines written as \\n"
-                .into(),
-        ),
-    }
-}
-
-/// Accepts `<type> <base64> [comment]`, or the bare base64 blob.
-pub fn parse_host_key(raw: &str) -> Result<HostKey, String> {
-    let expected =
-        "expected the server's public key as \"<type> <base64>\", e.g. \"ssh-ed25519 AAAA...\"";
-    let tokens: Vec<&str> = raw.split_whitespace().collect();
-    let (declared_type, blob) = match tokens.as_slice() {
-        [blob] => (None, *blob),
-        [key_type, blob, ..] => (Some(*key_type), *blob),
-        [] => return Err(format!("is empty; {expected}")),
-    };
-    let key = russh::keys::parse_public_key_base64(blob)
-        .map_err(|_| format!("could not be decoded; {expected}"))?;
-    if let Some(declared) = declared_type {
-        if declared != key.algorithm().as_str() {
-            return Err(format!(
-                "says {declared:?} but the key is {}; {expected}",
-                key.algorithm()
-            ));
-        }
-    }
-    let blob = key
-        .to_bytes()
-        .map_err(|_| format!("could not be encoded; {expected}"))?;
-    Ok(HostKey { key, blob })
 }
 
 #[cfg(test)]

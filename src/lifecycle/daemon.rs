@@ -1,5 +1,5 @@
-//! `bpg-tunnel start`: the detached daemon of the profile.d and exec.d launch forms, its pid
-//! file, and `bpg-tunnel stop`.
+//! `bpg-tunnel start`: the detached daemon of the profile.d and exec.d launch forms, what stops
+//! it, and `bpg-tunnel stop`.
 //!
 //! `start` re-executes this binary as a daemon in its own session (so a one-off dyno's terminal
 //! does not signal it), with stdin on /dev/null, stdout/stderr kept for the dyno's log stream,
@@ -7,43 +7,44 @@
 //! daemon reports readiness through a pipe; `start` returns once it has, or at the ready
 //! timeout, so the app boots in either case.
 //!
-//! The pid file is locked with `flock` for the daemon's whole life: the kernel drops the lock
-//! when the process dies, so a stale file left by a killed daemon is recognised as such, and PID
-//! reuse cannot fool it.
+//! A second `start` finds the daemon through its pid file (see `pidfile.rs`) and does nothing.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
 use super::owner::Owner;
-use super::{bind_and_start, discover_from_env, Running, Signals};
-use crate::options::Options;
+use super::pidfile::{pid_path, running_daemon, PidFile};
+use super::signals::Signals;
+use super::LifecycleSettings;
+use crate::config;
+use crate::engine::{self, EngineSettings, NotReady, Running, Stop, Stopped, Trigger};
 
 /// The descriptor the daemon reports readiness on.
 const READY_FD: i32 = 3;
 
 /// `bpg-tunnel start --owner-pid PID`. Always succeeds: a tunnel problem is logged, never
 /// allowed to stop the app from booting.
-pub fn start(options: &Options, owner_pid: i32) -> ExitCode {
-    let discovery = discover_from_env();
-    if discovery.is_empty() {
+pub fn start(lifecycle: &LifecycleSettings, owner_pid: i32) -> ExitCode {
+    if config::discover_env().is_empty() {
         // No add-on attached: nothing to do, and nothing to say on a one-off dyno's terminal.
         return ExitCode::SUCCESS;
     }
-    let path = pid_path(options);
+    let path = pid_path(lifecycle.state_dir.as_deref());
     if let Some(pid) = running_daemon(&path) {
         info!(event = "already-running", pid, pidfile = %path.display());
         return ExitCode::SUCCESS;
     }
     let started = Instant::now();
-    let report = match spawn_daemon(options, owner_pid) {
-        Ok(read) => wait_for_report(read, options.ready_timeout + Duration::from_secs(2)),
+    let report = match spawn_daemon(&lifecycle.flags_env, owner_pid) {
+        Ok(read) => wait_for_report(read, lifecycle.ready_timeout + Duration::from_secs(2)),
         Err(spawn_error) => {
             error!(event = "daemon-failed", error = %spawn_error, "could not start the tunnel daemon; the app starts without it");
             return ExitCode::SUCCESS;
@@ -73,7 +74,9 @@ pub fn start(options: &Options, owner_pid: i32) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn spawn_daemon(options: &Options, owner_pid: i32) -> std::io::Result<File> {
+/// Re-executes this binary as the daemon, with the options given as flags passed on as the
+/// variables they stand for.
+fn spawn_daemon(flags_env: &[(String, OsString)], owner_pid: i32) -> std::io::Result<File> {
     let (read, write) = pipe()?;
     let write_fd = write.as_raw_fd();
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
@@ -82,7 +85,7 @@ fn spawn_daemon(options: &Options, owner_pid: i32) -> std::io::Result<File> {
         .arg("__daemon")
         .arg("--owner-pid")
         .arg(owner_pid.to_string())
-        .envs(options.to_env())
+        .envs(flags_env.iter().map(|(var, value)| (var, value)))
         .stdin(Stdio::null());
     // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl, close_range/close) run between
     // fork and exec.
@@ -168,7 +171,7 @@ fn wait_for_report(mut read: File, timeout: Duration) -> Option<String> {
 }
 
 /// The hidden `__daemon` entry: what `start` re-executes.
-pub fn daemon(options: &Options, owner_pid: i32) -> ExitCode {
+pub fn daemon(engine: &EngineSettings, lifecycle: &LifecycleSettings, owner_pid: i32) -> ExitCode {
     // SAFETY: `start` put the write end of the report pipe on this descriptor.
     let mut ready = Some(unsafe { File::from_raw_fd(READY_FD) });
     let mut say = |line: &str| {
@@ -176,7 +179,7 @@ pub fn daemon(options: &Options, owner_pid: i32) -> ExitCode {
             let _ = writeln!(pipe, "{line}");
         }
     };
-    let path = pid_path(options);
+    let path = pid_path(lifecycle.state_dir.as_deref());
     let pidfile = match PidFile::acquire(&path) {
         Ok(Some(pidfile)) => Some(pidfile),
         Ok(None) => {
@@ -189,7 +192,7 @@ pub fn daemon(options: &Options, owner_pid: i32) -> ExitCode {
             None
         }
     };
-    let runtime = match super::runtime() {
+    let runtime = match engine::runtime() {
         Ok(runtime) => runtime,
         Err(runtime_error) => {
             error!(event = "daemon-failed", error = %runtime_error);
@@ -199,7 +202,7 @@ pub fn daemon(options: &Options, owner_pid: i32) -> ExitCode {
     };
     let code = runtime.block_on(async {
         let owner = Owner::watch(owner_pid);
-        let mut signals = match Signals::new() {
+        let signals = match Signals::new() {
             Ok(signals) => signals,
             Err(signal_error) => {
                 error!(event = "signal-setup-failed", error = %signal_error);
@@ -207,103 +210,106 @@ pub fn daemon(options: &Options, owner_pid: i32) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let Some(running) = bind_and_start(options).await else {
+        let Some(running) = engine::start(engine).await else {
             say("failed");
             return ExitCode::FAILURE;
         };
-        let not_ready = running.wait_ready(options.ready_timeout).await;
-        if not_ready.is_empty() {
-            say("ready");
-            info!(event = "ready", owner = owner_pid);
-        } else {
-            say(&format!("not-ready {}", not_ready.join(",")));
-            warn!(event = "not-ready", addons = %not_ready.join(","), owner = owner_pid);
+        match running.ready(lifecycle.ready_timeout).await {
+            Ok(()) => say("ready"),
+            Err(NotReady(addons)) => say(&format!("not-ready {}", addons.join(","))),
         }
-        serve_for_owner(running, &owner, &mut signals, options).await
+        let mut trigger = OwnerGone {
+            owner,
+            signals,
+            grace: lifecycle.grace,
+            drain_timeout: lifecycle.drain_timeout,
+        };
+        match running.serve(&mut trigger).await {
+            Stopped::Gracefully => ExitCode::SUCCESS,
+            Stopped::Aborted => ExitCode::from(130),
+        }
     });
     drop(pidfile);
     code
 }
 
-/// Serves while the owner lives. On SIGTERM keeps serving (the app is draining too) until the
-/// owner exits or the drain timeout; repeated SIGTERMs change nothing; SIGINT during the drain
-/// or a second SIGINT exits at once; SIGHUP (`bpg-tunnel stop`) stops after the grace.
-pub async fn serve_for_owner(
-    running: Running,
-    owner: &Owner,
-    signals: &mut Signals,
-    options: &Options,
-) -> ExitCode {
-    let grace = options.owner_grace;
-    let first = tokio::select! {
-        () = owner.exited() => {
-            info!(event = "owner-exited", owner = owner.pid(), open_connections = running.open_connections());
-            running.shutdown(grace).await;
-            info!(event = "stopped");
-            return ExitCode::SUCCESS;
-        }
-        name = signals.next_stop() => name,
-    };
-    if first == "SIGHUP" {
-        info!(event = "signal", signal = first, "stopping");
-        running.shutdown(grace).await;
-        info!(event = "stopped");
-        return ExitCode::SUCCESS;
-    }
-    info!(
-        event = "drain-started",
-        signal = first,
-        open_connections = running.open_connections(),
-        deadline_ms = options.drain_timeout.as_millis() as u64,
-        "serving until the app exits"
-    );
-    let deadline_at = tokio::time::Instant::now() + options.drain_timeout;
-    let deadline = tokio::time::sleep_until(deadline_at);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            () = owner.exited() => {
-                info!(event = "owner-exited", owner = owner.pid(), open_connections = running.open_connections());
-                // Never past the drain deadline: what follows it must fit before the SIGKILL.
-                let left = deadline_at.saturating_duration_since(tokio::time::Instant::now());
-                running.shutdown(grace.min(left)).await;
-                break;
+/// The daemon stops when the owner is gone. On SIGTERM it keeps serving (the app is draining
+/// too) until the owner exits or the drain timeout; repeated SIGTERMs change nothing; SIGINT
+/// during the drain leaves at once; SIGHUP (`bpg-tunnel stop`) stops after the grace.
+struct OwnerGone {
+    owner: Owner,
+    signals: Signals,
+    grace: Duration,
+    drain_timeout: Duration,
+}
+
+impl Trigger for OwnerGone {
+    async fn stop(&mut self, running: &Running) -> Stop {
+        let grace = self.grace;
+        let owner = self.owner.pid();
+        let first = tokio::select! {
+            () = self.owner.exited() => {
+                info!(event = "owner-exited", owner, open_connections = running.open_connections());
+                return Stop::Gracefully { grace };
             }
-            () = &mut deadline => {
-                warn!(event = "drain-deadline", open_connections = running.open_connections(), "the app is still running; leaving before the platform's SIGKILL");
-                running.shutdown(Duration::ZERO).await;
-                break;
+            name = self.signals.next_stop() => name,
+        };
+        if first == "SIGHUP" {
+            info!(event = "signal", signal = first, "stopping");
+            return Stop::Gracefully { grace };
+        }
+        info!(
+            event = "drain-started",
+            signal = first,
+            open_connections = running.open_connections(),
+            deadline_ms = self.drain_timeout.as_millis() as u64,
+            "serving until the app exits"
+        );
+        let deadline_at = tokio::time::Instant::now() + self.drain_timeout;
+        let deadline = tokio::time::sleep_until(deadline_at);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = self.owner.exited() => {
+                    info!(event = "owner-exited", owner, open_connections = running.open_connections());
+                    // Never past the drain deadline: what follows it must fit before the SIGKILL.
+                    let left = deadline_at.saturating_duration_since(tokio::time::Instant::now());
+                    return Stop::Gracefully { grace: grace.min(left) };
+                }
+                () = &mut deadline => {
+                    warn!(event = "drain-deadline", open_connections = running.open_connections(), "the app is still running; leaving before the platform's SIGKILL");
+                    return Stop::Gracefully { grace: Duration::ZERO };
+                }
+                name = self.signals.next_stop() => match name {
+                    "SIGTERM" => debug!(event = "signal-ignored", signal = name),
+                    "SIGINT" => {
+                        warn!(event = "signal", signal = name, "interrupted while draining; exiting at once");
+                        return Stop::Now;
+                    }
+                    _ => {
+                        info!(event = "signal", signal = name, "stopping");
+                        let left = deadline_at.saturating_duration_since(tokio::time::Instant::now());
+                        return Stop::Gracefully { grace: grace.min(left) };
+                    }
+                },
             }
-            name = signals.next_stop() => match name {
-                "SIGTERM" => debug!(event = "signal-ignored", signal = name),
-                "SIGINT" => {
-                    warn!(event = "signal", signal = name, "interrupted while draining; exiting at once");
-                    return ExitCode::from(130);
-                }
-                _ => {
-                    running.shutdown(grace).await;
-                    break;
-                }
-            },
         }
     }
-    info!(event = "stopped");
-    ExitCode::SUCCESS
 }
 
 /// `bpg-tunnel stop`: asks a running daemon to stop and waits for it.
-pub fn stop(options: &Options) -> ExitCode {
-    let path = pid_path(options);
+pub fn stop(lifecycle: &LifecycleSettings) -> ExitCode {
+    let path = pid_path(lifecycle.state_dir.as_deref());
     let Some(pid) = running_daemon(&path) else {
         info!(event = "not-running", pidfile = %path.display());
         return ExitCode::SUCCESS;
     };
     // SAFETY: plain kill(2).
     unsafe { libc::kill(pid, libc::SIGHUP) };
-    let deadline = Instant::now() + options.owner_grace + Duration::from_secs(5);
+    let deadline = Instant::now() + lifecycle.grace + Duration::from_secs(5);
     while Instant::now() < deadline {
         if running_daemon(&path).is_none() {
-            info!(event = "stopped", pid);
+            info!(event = "daemon-stopped", pid);
             return ExitCode::SUCCESS;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -313,94 +319,4 @@ pub fn stop(options: &Options) -> ExitCode {
         pid, "the daemon did not stop in time"
     );
     ExitCode::FAILURE
-}
-
-pub fn pid_path(options: &Options) -> PathBuf {
-    let dir = options
-        .state_dir
-        .clone()
-        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".borealis-pg")))
-        .unwrap_or_else(|| std::env::temp_dir().join("borealis-pg"));
-    dir.join("bpg-tunnel.pid")
-}
-
-/// The pid of the daemon holding `path`'s lock, if one is alive.
-pub fn running_daemon(path: &Path) -> Option<i32> {
-    let mut file = File::open(path).ok()?;
-    // SAFETY: flock on a descriptor we own.
-    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-    if free {
-        // Stale: whoever wrote it is gone (the kernel released its lock).
-        return None;
-    }
-    let mut text = String::new();
-    file.read_to_string(&mut text).ok()?;
-    text.trim().parse().ok().or(Some(0))
-}
-
-/// The daemon's locked pid file; removed when dropped.
-pub struct PidFile {
-    file: File,
-    path: PathBuf,
-}
-
-impl PidFile {
-    /// `Ok(None)` when another live daemon holds it.
-    pub fn acquire(path: &Path) -> std::io::Result<Option<PidFile>> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(path)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let error = std::io::Error::last_os_error();
-            return if error.kind() == std::io::ErrorKind::WouldBlock {
-                Ok(None)
-            } else {
-                Err(error)
-            };
-        }
-        file.set_len(0)?;
-        (&file).write_all(format!("{}\n", std::process::id()).as_bytes())?;
-        Ok(Some(PidFile {
-            file,
-            path: path.to_owned(),
-        }))
-    }
-}
-
-impl Drop for PidFile {
-    fn drop(&mut self) {
-        // Removed while still locked, so no newcomer can lock the old file and lose it to us.
-        let _ = std::fs::remove_file(&self.path);
-        let _ = self.file.sync_all();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pid_file_is_exclusive_and_a_stale_one_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub").join("bpg-tunnel.pid");
-        assert_eq!(running_daemon(&path), None);
-        let held = PidFile::acquire(&path).unwrap().unwrap();
-        assert_eq!(running_daemon(&path), Some(std::process::id() as i32));
-        assert!(PidFile::acquire(&path).unwrap().is_none());
-        drop(held);
-        assert!(!path.exists());
-
-        // A file left by a killed daemon: present, unlocked.
-        std::fs::write(&path, "999999\n").unwrap();
-        assert_eq!(running_daemon(&path), None);
-        assert!(PidFile::acquire(&path).unwrap().is_some());
-    }
 }

@@ -7,12 +7,14 @@
 
 use std::ffi::OsString;
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::time::Duration;
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
-use crate::options::Options;
+use super::LifecycleSettings;
+use crate::config;
+use crate::engine::{self, EngineSettings, Running, Stop, Trigger};
 
 const FORWARDED: [(SignalKind, i32, &str); 6] = [
     (SignalKind::terminate(), libc::SIGTERM, "SIGTERM"),
@@ -23,95 +25,136 @@ const FORWARDED: [(SignalKind, i32, &str); 6] = [
     (SignalKind::user_defined2(), libc::SIGUSR2, "SIGUSR2"),
 ];
 
-pub async fn run(options: Options, command: Vec<OsString>, scrub_env: bool) -> ExitCode {
+pub async fn run(
+    engine: &EngineSettings,
+    lifecycle: &LifecycleSettings,
+    command: Vec<OsString>,
+    scrub_env: bool,
+) -> ExitCode {
     // Subscribed before anything else so no signal or child exit is lost.
-    let mut streams = Vec::new();
-    for (kind, number, name) in FORWARDED {
-        match signal(kind) {
-            Ok(stream) => streams.push((stream, number, name)),
-            Err(signal_error) => {
-                warn!(event = "signal-setup-failed", signal = name, error = %signal_error)
-            }
-        }
-    }
-    let mut children = match signal(SignalKind::child()) {
-        Ok(stream) => stream,
-        Err(signal_error) => {
-            error!(event = "signal-setup-failed", signal = "SIGCHLD", error = %signal_error);
-            return ExitCode::FAILURE;
-        }
+    let Some(mut child) = Child::subscribe(lifecycle.grace) else {
+        return ExitCode::FAILURE;
     };
-
     // A broken tunnel config must not keep the app from starting: run it regardless.
-    let running = super::bind_and_start(&options).await;
+    let running = engine::start(engine).await;
     if let Some(running) = &running {
-        let started = Instant::now();
-        let not_ready = running.wait_ready(options.ready_timeout).await;
-        if not_ready.is_empty() {
-            info!(event = "ready", ms = started.elapsed().as_millis() as u64);
-        } else {
-            warn!(event = "not-ready", addons = %not_ready.join(","), "starting the command anyway; its connections wait");
-        }
+        // Whatever is not up yet is logged; the command starts either way, its connections wait.
+        let _ = running.ready(lifecycle.ready_timeout).await;
     }
-
-    let child = match build_command(&command, scrub_env).spawn() {
-        Ok(child) => child,
-        Err(spawn_error) => {
-            error!(event = "command-failed", command = %command_line(&command), error = %spawn_error);
-            if let Some(running) = running {
-                running.shutdown(options.owner_grace).await;
-            }
-            return ExitCode::from(if spawn_error.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            });
+    child.spawn(&command, scrub_env);
+    match running {
+        Some(running) => {
+            running.serve(&mut child).await;
         }
-    };
-    let pid = child.id() as i32;
-    info!(event = "command-started", pid);
+        None => child.exited().await,
+    }
+    ExitCode::from(child.code.unwrap_or(1))
+}
 
-    let status = 'wait: loop {
-        // A signal's arrival, by index into `streams`, or a child event.
-        let event = {
-            let waits = streams
-                .iter_mut()
-                .enumerate()
-                .map(|(index, (stream, _, _))| {
-                    Box::pin(async move {
-                        stream.recv().await;
-                        index
-                    })
-                });
-            let any_signal = futures_select_all(waits);
-            tokio::select! {
-                index = any_signal => Some(index),
-                _ = children.recv() => None,
-            }
-        };
-        match event {
-            Some(index) => {
-                let (_, number, name) = streams[index];
-                // SAFETY: plain kill(2) to our own child.
-                unsafe { libc::kill(pid, number) };
-                info!(event = "signal-forwarded", signal = name, pid);
-            }
-            None => {
-                for (reaped, status) in reap() {
-                    if reaped == pid {
-                        break 'wait status;
-                    }
+/// The command, the signals passed on to it, and its exit: the tunnels stop once it is gone.
+struct Child {
+    signals: Vec<(Signal, i32, &'static str)>,
+    children: Signal,
+    pid: Option<i32>,
+    /// The exit code to leave with, once known.
+    code: Option<u8>,
+    grace: Duration,
+}
+
+impl Child {
+    fn subscribe(grace: Duration) -> Option<Child> {
+        let mut signals = Vec::new();
+        for (kind, number, name) in FORWARDED {
+            match signal(kind) {
+                Ok(stream) => signals.push((stream, number, name)),
+                Err(signal_error) => {
+                    warn!(event = "signal-setup-failed", signal = name, error = %signal_error)
                 }
             }
         }
-    };
-    let code = exit_code(status);
-    info!(event = "command-exited", pid, status = code);
-    if let Some(running) = running {
-        running.shutdown(options.owner_grace).await;
+        let children = match signal(SignalKind::child()) {
+            Ok(stream) => stream,
+            Err(signal_error) => {
+                error!(event = "signal-setup-failed", signal = "SIGCHLD", error = %signal_error);
+                return None;
+            }
+        };
+        Some(Child {
+            signals,
+            children,
+            pid: None,
+            code: None,
+            grace,
+        })
     }
-    info!(event = "stopped");
-    ExitCode::from(code)
+
+    fn spawn(&mut self, command: &[OsString], scrub_env: bool) {
+        match build_command(command, scrub_env).spawn() {
+            Ok(child) => {
+                let pid = child.id() as i32;
+                info!(event = "command-started", pid);
+                self.pid = Some(pid);
+            }
+            Err(spawn_error) => {
+                error!(event = "command-failed", command = %command_line(command), error = %spawn_error);
+                self.code = Some(if spawn_error.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                });
+            }
+        }
+    }
+
+    /// Passes signals on until the command exits (at once if it never started).
+    async fn exited(&mut self) {
+        let Some(pid) = self.pid else { return };
+        let status = 'wait: loop {
+            // A signal's arrival, by index into `signals`, or a child event.
+            let event = {
+                let waits = self
+                    .signals
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(index, (stream, _, _))| {
+                        Box::pin(async move {
+                            stream.recv().await;
+                            index
+                        })
+                    });
+                let any_signal = futures_select_all(waits);
+                tokio::select! {
+                    index = any_signal => Some(index),
+                    _ = self.children.recv() => None,
+                }
+            };
+            match event {
+                Some(index) => {
+                    let (_, number, name) = self.signals[index];
+                    // SAFETY: plain kill(2) to our own child.
+                    unsafe { libc::kill(pid, number) };
+                    info!(event = "signal-forwarded", signal = name, pid);
+                }
+                None => {
+                    for (reaped, status) in reap() {
+                        if reaped == pid {
+                            break 'wait status;
+                        }
+                    }
+                }
+            }
+        };
+        let code = exit_code(status);
+        info!(event = "command-exited", pid, status = code);
+        self.code = Some(code);
+    }
+}
+
+impl Trigger for Child {
+    async fn stop(&mut self, _: &Running) -> Stop {
+        self.exited().await;
+        Stop::Gracefully { grace: self.grace }
+    }
 }
 
 /// Waits on whichever future finishes first (a small `select_all`, to avoid a dependency).
@@ -171,16 +214,23 @@ fn build_command(command: &[OsString], scrub_env: bool) -> Command {
         [] => unreachable!("clap requires a command"),
     };
     if scrub_env {
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            if name.ends_with("_TUNNEL_BPG_CONN_INFO")
-                || name.ends_with("_SSH_TUNNEL_BPG_CONNECTION_INFO")
-            {
-                built.env_remove(name.as_ref());
-            }
-        }
+        scrub(&mut built, std::env::vars_os().map(|(name, _)| name));
     }
     built
+}
+
+/// Keeps every conn-info variable among `names` from `command`; the test is a bare suffix
+/// match, wider than discovery's, since removing one too many costs nothing.
+fn scrub(command: &mut Command, names: impl Iterator<Item = OsString>) {
+    for name in names {
+        let lossy = name.to_string_lossy();
+        if config::CONN_INFO_SUFFIXES
+            .iter()
+            .any(|suffix| lossy.ends_with(suffix))
+        {
+            command.env_remove(&name);
+        }
+    }
 }
 
 fn command_line(command: &[OsString]) -> String {
@@ -207,5 +257,24 @@ mod tests {
         assert_eq!(command.get_program(), "/bin/sh");
         let command = build_command(&["gunicorn".into(), "app:app".into()], false);
         assert_eq!(command.get_program(), "gunicorn");
+    }
+
+    #[test]
+    fn scrubbing_removes_every_conn_info_variable_and_nothing_else() {
+        let mut command = Command::new("app");
+        let names = [
+            "DATABASE_TUNNEL_BPG_CONN_INFO",
+            "HEROKU_POSTGRESQL_RED_SSH_TUNNEL_BPG_CONNECTION_INFO",
+            "_TUNNEL_BPG_CONN_INFO",
+            "DATABASE_URL",
+            "DATABASE_TUNNEL_BPG_CONN_INFO_BACKUP",
+        ];
+        scrub(&mut command, names.iter().map(OsString::from));
+        let removed: Vec<_> = command
+            .get_envs()
+            .filter(|(_, value)| value.is_none())
+            .map(|(name, _)| name.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(removed, &names[..3]);
     }
 }

@@ -1,0 +1,49 @@
+//! `bpg-tunnel` with no subcommand: serve in the foreground until SIGTERM, SIGINT or SIGHUP,
+//! then give open connections the grace; a second Ctrl+C leaves at once.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tracing::{error, info};
+
+use super::signals::Signals;
+use super::LifecycleSettings;
+use crate::engine::{self, EngineSettings, Running, Stop, Stopped, Trigger};
+
+pub async fn run(engine: &EngineSettings, lifecycle: &LifecycleSettings) -> ExitCode {
+    let signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(signal_error) => {
+            error!(event = "signal-setup-failed", error = %signal_error);
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(running) = engine::start(engine).await else {
+        return ExitCode::FAILURE;
+    };
+    let mut trigger = Interrupted {
+        signals,
+        grace: lifecycle.grace,
+    };
+    match running.serve(&mut trigger).await {
+        Stopped::Gracefully => ExitCode::SUCCESS,
+        Stopped::Aborted => ExitCode::from(130),
+    }
+}
+
+struct Interrupted {
+    signals: Signals,
+    grace: Duration,
+}
+
+impl Trigger for Interrupted {
+    async fn stop(&mut self, _: &Running) -> Stop {
+        let name = self.signals.next_stop().await;
+        info!(event = "signal", signal = name, "stopping");
+        Stop::Gracefully { grace: self.grace }
+    }
+
+    async fn abort(&mut self) {
+        self.signals.second_interrupt().await;
+    }
+}

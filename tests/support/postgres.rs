@@ -1,0 +1,137 @@
+//! PostgreSQL for the lab: one cluster made per test binary, copied per server.
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::{die_with_parent, free_port, is_root, run, wait_for_port, Tools};
+
+/// The `postgres` user's password (with characters a URL must escape).
+pub const DB_PASSWORD: &str = "s3cr/t p@ss|word";
+
+pub struct Postgres {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+/// initdb is the slow part (about a second); do it once per test binary and copy the result.
+fn template_cluster(tools: &Tools) -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("bpg-pg-template-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        give_to_postgres(&dir);
+        let pwfile = dir.join("pw");
+        std::fs::write(&pwfile, DB_PASSWORD).unwrap();
+        give_to_postgres(&pwfile);
+        let mut initdb = Command::new(tools.pg_bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()));
+        as_postgres(&mut initdb);
+        run(&mut initdb);
+        dir.join("data")
+    })
+}
+
+fn postgres_ids() -> Option<(u32, u32)> {
+    if !is_root() {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.first() == Some(&"postgres"))
+            .then(|| (fields[2].parse().unwrap(), fields[3].parse().unwrap()))
+    })
+}
+
+fn as_postgres(command: &mut Command) {
+    if let Some((uid, gid)) = postgres_ids() {
+        command.uid(uid).gid(gid);
+    }
+}
+
+fn give_to_postgres(path: &Path) {
+    if let Some((uid, gid)) = postgres_ids() {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    }
+}
+
+impl Postgres {
+    pub fn start(tools: &Tools) -> Postgres {
+        let template = template_cluster(tools);
+        let dir = tempfile::Builder::new()
+            .prefix("bpg-pg-")
+            .tempdir()
+            .unwrap();
+        give_to_postgres(dir.path());
+        let data = dir.path().join("data");
+        let mut copy = Command::new("cp");
+        copy.arg("-a").arg(template).arg(&data);
+        run(&mut copy);
+        let port = free_port();
+        let mut command = Command::new(tools.pg_bin.join("postgres"));
+        command
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1,127.0.0.2"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", dir.path().display()))
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "shared_buffers=32MB",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("postgres.log")).unwrap(),
+            ));
+        as_postgres(&mut command);
+        die_with_parent(&mut command);
+        let child = command.spawn().expect("start postgres");
+        let pg = Postgres {
+            port,
+            _dir: dir,
+            child,
+        };
+        assert!(
+            wait_for_port(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(20)
+            ),
+            "postgres did not start: {}",
+            std::fs::read_to_string(pg._dir.path().join("postgres.log")).unwrap_or_default()
+        );
+        pg
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGQUIT: immediate shutdown, no checkpoint; the data is thrown away anyway.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,294 @@
+//! OpenSSH's sshd configured like the add-on's, and client keys of every kind it accepts.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::{descendants, die_with_parent, free_port, is_root, run, wait_for_port, Tools};
+
+/// The login sshd accepts when the tests run as root (sshd refuses root itself).
+pub const SSH_USER_WHEN_ROOT: &str = "bpgtunnel";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    Ed25519,
+    RsaOpenssh,
+    RsaPkcs1,
+    RsaPkcs8,
+    EcdsaP256Openssh,
+    EcdsaP384Sec1,
+    EcdsaP521Pkcs8,
+}
+
+impl KeyKind {
+    pub const ALL: [KeyKind; 7] = [
+        KeyKind::Ed25519,
+        KeyKind::RsaOpenssh,
+        KeyKind::RsaPkcs1,
+        KeyKind::RsaPkcs8,
+        KeyKind::EcdsaP256Openssh,
+        KeyKind::EcdsaP384Sec1,
+        KeyKind::EcdsaP521Pkcs8,
+    ];
+
+    fn keygen_args(self) -> &'static [&'static str] {
+        match self {
+            KeyKind::Ed25519 => &["-t", "ed25519"],
+            KeyKind::RsaOpenssh => &["-t", "rsa", "-b", "2048"],
+            KeyKind::RsaPkcs1 => &["-t", "rsa", "-b", "2048", "-m", "PEM"],
+            KeyKind::RsaPkcs8 => &["-t", "rsa", "-b", "3072", "-m", "PKCS8"],
+            KeyKind::EcdsaP256Openssh => &["-t", "ecdsa", "-b", "256"],
+            KeyKind::EcdsaP384Sec1 => &["-t", "ecdsa", "-b", "384", "-m", "PEM"],
+            KeyKind::EcdsaP521Pkcs8 => &["-t", "ecdsa", "-b", "521", "-m", "PKCS8"],
+        }
+    }
+
+    /// The PEM header ssh-keygen must have produced, checked so the test really covers the format.
+    pub fn header(self) -> &'static str {
+        match self {
+            KeyKind::Ed25519 | KeyKind::RsaOpenssh | KeyKind::EcdsaP256Openssh => {
+                "-----BEGIN OPENSSH PRIVATE KEY-----"
+            }
+            KeyKind::RsaPkcs1 => "-----BEGIN RSA PRIVATE KEY-----",
+            KeyKind::EcdsaP384Sec1 => "-----BEGIN EC PRIVATE KEY-----",
+            KeyKind::RsaPkcs8 | KeyKind::EcdsaP521Pkcs8 => "-----BEGIN PRIVATE KEY-----",
+        }
+    }
+}
+
+pub struct KeyPair {
+    pub private: String,
+    pub public: String,
+}
+
+pub fn keygen(tools: &Tools, dir: &Path, name: &str, args: &[&str]) -> KeyPair {
+    let path = dir.join(name);
+    let mut command = Command::new(&tools.ssh_keygen);
+    command
+        .args(["-q", "-N", "", "-C", ""])
+        .args(args)
+        .arg("-f")
+        .arg(&path);
+    run(&mut command);
+    KeyPair {
+        private: std::fs::read_to_string(&path).unwrap(),
+        public: std::fs::read_to_string(path.with_extension("pub"))
+            .unwrap()
+            .trim()
+            .to_owned(),
+    }
+}
+
+pub struct Sshd {
+    pub port: u16,
+    pub user: String,
+    pub host_key: KeyPair,
+    dir: tempfile::TempDir,
+    tools: Tools,
+    pg_port: u16,
+    child: Option<Child>,
+}
+
+fn ssh_login_user() -> String {
+    if !is_root() {
+        return std::env::var("USER")
+            .ok()
+            .or_else(|| {
+                Command::new("id")
+                    .arg("-un")
+                    .output()
+                    .ok()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            })
+            .expect("current user name");
+    }
+    static ENSURED: OnceLock<()> = OnceLock::new();
+    ENSURED.get_or_init(|| {
+        let exists = Command::new("id")
+            .arg(SSH_USER_WHEN_ROOT)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !exists {
+            // Like the add-on's tunnel users: no password, no usable shell.
+            let status = Command::new("useradd")
+                .args(["--system", "--no-create-home", "--home-dir", "/nonexistent"])
+                .args(["--shell", "/usr/sbin/nologin", SSH_USER_WHEN_ROOT])
+                .status()
+                .expect("useradd");
+            // 9: created meanwhile by a parallel test binary.
+            assert!(
+                status.success() || status.code() == Some(9),
+                "useradd failed"
+            );
+        }
+        // useradd leaves the password "!", which sshd without PAM treats as a locked account;
+        // "*" means "no password" without locking public-key logins.
+        let status = Command::new("usermod")
+            .args(["-p", "*", SSH_USER_WHEN_ROOT])
+            .status()
+            .expect("usermod");
+        assert!(status.success(), "usermod failed");
+        std::fs::create_dir_all("/run/sshd").unwrap();
+    });
+    SSH_USER_WHEN_ROOT.to_owned()
+}
+
+impl Sshd {
+    pub fn start(tools: &Tools, pg_port: u16) -> Sshd {
+        let dir = tempfile::Builder::new()
+            .prefix("bpg-sshd-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let host_key = keygen(tools, dir.path(), "host_ed25519", &["-t", "ed25519"]);
+        std::fs::write(dir.path().join("authorized_keys"), "").unwrap();
+        std::fs::set_permissions(
+            dir.path().join("authorized_keys"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let mut sshd = Sshd {
+            port: free_port(),
+            user: ssh_login_user(),
+            host_key,
+            dir,
+            tools: tools.clone(),
+            pg_port,
+            child: None,
+        };
+        sshd.write_config();
+        sshd.restart();
+        sshd
+    }
+
+    fn write_config(&self) {
+        let dir = self.dir.path().display();
+        let pg = self.pg_port;
+        let config = format!(
+            "Port {port}
+ListenAddress 127.0.0.1
+HostKey {dir}/host_ed25519
+PidFile {dir}/sshd.pid
+AuthorizedKeysFile {dir}/authorized_keys
+StrictModes no
+UsePAM no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+AllowUsers {user}
+AllowTcpForwarding local
+PermitOpen 127.0.0.1:{pg} 127.0.0.2:{pg}
+AllowAgentForwarding no
+AllowStreamLocalForwarding no
+X11Forwarding no
+PermitTTY no
+PermitTunnel no
+ForceCommand /bin/false
+MaxStartups 200
+MaxSessions 1000
+LogLevel VERBOSE
+",
+            port = self.port,
+            user = self.user,
+        );
+        std::fs::write(self.dir.path().join("sshd_config"), config).unwrap();
+    }
+
+    pub fn authorize(&self, public_key: &str) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("authorized_keys"))
+            .unwrap();
+        writeln!(file, "{public_key}").unwrap();
+    }
+
+    pub fn new_client_key(&self, kind: KeyKind) -> KeyPair {
+        let name = format!("client_{:?}_{}", kind, free_port());
+        let pair = keygen(&self.tools, self.dir.path(), &name, kind.keygen_args());
+        assert!(
+            pair.private.starts_with(kind.header()),
+            "ssh-keygen did not produce {kind:?} as expected"
+        );
+        pair
+    }
+
+    /// Starts (again) on the same port with the same host key.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("sshd.log"))
+            .unwrap();
+        let mut command = Command::new(&self.tools.sshd);
+        command
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(self.dir.path().join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        die_with_parent(&mut command);
+        let child = command.spawn().expect("start sshd");
+        self.child = Some(child);
+        assert!(
+            wait_for_port(
+                SocketAddr::from(([127, 0, 0, 1], self.port)),
+                Duration::from_secs(10)
+            ),
+            "sshd did not start: {}",
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The per-connection processes sshd forked (privileged monitor and network child).
+    pub fn session_pids(&self) -> Vec<i32> {
+        self.pid()
+            .map(|pid| descendants(pid as i32))
+            .unwrap_or_default()
+    }
+
+    pub fn signal_sessions(&self, signal: i32) -> usize {
+        let pids = self.session_pids();
+        for pid in &pids {
+            unsafe { libc::kill(*pid, signal) };
+        }
+        pids.len()
+    }
+
+    /// Stops the listener and every session: the server is down.
+    pub fn stop(&mut self) {
+        let sessions = self.session_pids();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in sessions {
+            unsafe {
+                libc::kill(pid, libc::SIGCONT);
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

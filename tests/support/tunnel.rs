@@ -1,0 +1,221 @@
+//! bpg-tunnel under test: the binary (debug, or the release build CI names), its tarball, and a
+//! running process whose output the test reads.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::die_with_parent;
+
+pub fn tunnel_binary() -> PathBuf {
+    std::env::var_os("BPG_TUNNEL_BIN")
+        .map(PathBuf::from)
+        .or_else(|| option_env!("CARGO_BIN_EXE_bpg-tunnel").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("target/debug/bpg-tunnel"))
+}
+
+/// Whether the binary under test is the release build (`BPG_TUNNEL_BIN`, as `scripts/test.sh`
+/// sets it), whose memory figures are the ones users see.
+pub fn is_release_binary() -> bool {
+    std::env::var_os("BPG_TUNNEL_BIN").is_some()
+}
+
+/// The release tarball the buildpacks install: `BPG_TUNNEL_DIST` (set by `scripts/test.sh` to
+/// what `scripts/dist.sh` built), or, outside CI, one packed here the same way from the binary
+/// under test.
+pub fn release_tarball() -> PathBuf {
+    static PACKED: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    if let Some(dist) = std::env::var_os("BPG_TUNNEL_DIST") {
+        return PathBuf::from(dist);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true: set BPG_TUNNEL_DIST to the tarball scripts/dist.sh built");
+    }
+    let (_, tarball) = PACKED.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let stage = dir.path().join("stage");
+        std::fs::create_dir(&stage).unwrap();
+        std::fs::copy(tunnel_binary(), stage.join("bpg-tunnel")).unwrap();
+        let tarball = dir
+            .path()
+            .join("bpg-tunnel-test-x86_64-unknown-linux-musl.tar.gz");
+        let status = Command::new("tar")
+            .arg("-czf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&stage)
+            .arg("bpg-tunnel")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let sums = Command::new("sha256sum").arg(&tarball).output().unwrap();
+        let mut sidecar = tarball.clone().into_os_string();
+        sidecar.push(".sha256");
+        std::fs::write(sidecar, sums.stdout).unwrap();
+        (dir, tarball)
+    });
+    tarball.clone()
+}
+
+#[derive(Default)]
+struct Output {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+pub struct Tunnel {
+    child: Child,
+    output: Arc<Output>,
+}
+
+impl Tunnel {
+    /// Starts `bpg-tunnel` with a clean environment holding only `vars` (and PATH).
+    pub fn spawn<'a>(
+        vars: impl IntoIterator<Item = (&'a String, &'a String)>,
+        args: &[&str],
+    ) -> Tunnel {
+        let mut command = Command::new(tunnel_binary());
+        command.args(args);
+        Tunnel::spawn_command(command, vars)
+    }
+
+    /// Runs `script` with bash as a dyno would (profile.d style), with bpg-tunnel on PATH, in a
+    /// process group of its own so the test can signal "every process" of the app.
+    pub fn bash<'a>(
+        vars: impl IntoIterator<Item = (&'a String, &'a String)>,
+        script: &str,
+    ) -> Tunnel {
+        let mut command = Command::new("bash");
+        command.arg("-c").arg(script).process_group(0);
+        Tunnel::spawn_command(command, vars)
+    }
+
+    /// Runs any command the way [`Tunnel::bash`] does: clean environment, own process group.
+    pub fn command<'a>(
+        mut command: Command,
+        vars: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Tunnel {
+        command.process_group(0);
+        Tunnel::spawn_command(command, vars)
+    }
+
+    fn spawn_command<'a>(
+        mut command: Command,
+        vars: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Tunnel {
+        let bin_dir = tunnel_binary().parent().unwrap().to_owned();
+        let mut path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .collect::<Vec<_>>();
+        path.insert(0, bin_dir);
+        command
+            .env_clear()
+            .env("PATH", std::env::join_paths(path).unwrap())
+            .env("BPG_TUNNEL_LOG", "debug")
+            .envs(vars)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut command);
+        let mut child = command.spawn().expect("start bpg-tunnel");
+        let output = Arc::new(Output::default());
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    output.lines.lock().unwrap().push(line);
+                    output.changed.notify_all();
+                }
+            });
+        }
+        Tunnel { child, output }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.output.lines.lock().unwrap().clone()
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until `n` lines contain every needle; returns the last such line.
+    pub fn wait_for_nth(&self, needles: &[&str], n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.output.lines.lock().unwrap();
+        loop {
+            let matching: Vec<&String> = lines
+                .iter()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .collect();
+            if matching.len() >= n {
+                return matching[n - 1].clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                panic!(
+                    "no line #{n} with {needles:?} within {timeout:?}; output:\n{}",
+                    lines.join("\n")
+                );
+            }
+            lines = self
+                .output
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn wait_for(&self, needles: &[&str], timeout: Duration) -> String {
+        self.wait_for_nth(needles, 1, timeout)
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        // The whole group: a bash "dyno" and everything it started.
+        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pid the daemon wrote into its pid file under `state` (its `BPG_TUNNEL_STATE_DIR`).
+pub fn daemon_pid(state: &Path) -> Option<i32> {
+    std::fs::read_to_string(state.join("bpg-tunnel.pid"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+/// The value of `key` in a logfmt-style line.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|pair| pair.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
