@@ -163,7 +163,7 @@ impl Tunnels {
                             role = %forward.role,
                             addr = %listener.local_addr(),
                             var = %forward.url_var,
-                            target = %format!("{}:{}", forward.remote_host, forward.remote_port)
+                            target = %config::host_port(&forward.remote_host, forward.remote_port)
                         );
                         bound.push(listener);
                     }

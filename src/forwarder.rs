@@ -22,6 +22,9 @@ use crate::config::Forward;
 use crate::ssh::ChannelError;
 use crate::supervisor::SessionSlot;
 
+/// At most one `accept-failed` line per listener this often.
+const ACCEPT_FAILED_EVERY: Duration = Duration::from_secs(10);
+
 /// The most the app's data is read at once: one SSH packet (russh's default maximum).
 const UP_BUFFER: usize = 32 * 1024;
 
@@ -77,6 +80,10 @@ impl Listener {
         shutdown: CancellationToken,
         connections: TaskTracker,
     ) {
+        // Accept errors come in bursts (EMFILE repeats until a descriptor is freed): one line
+        // per interval, with how many there were.
+        let mut failures = 0u64;
+        let mut last_said: Option<tokio::time::Instant> = None;
         loop {
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
@@ -97,8 +104,14 @@ impl Listener {
                     ));
                 }
                 Err(error) => {
+                    failures += 1;
+                    let due = last_said.is_none_or(|at| at.elapsed() >= ACCEPT_FAILED_EVERY);
+                    if due {
+                        warn!(event = "accept-failed", addon = %self.addon, role = %self.forward.role, count = failures, error = %error);
+                        failures = 0;
+                        last_said = Some(tokio::time::Instant::now());
+                    }
                     // Usually EMFILE: back off briefly instead of spinning on the error.
-                    warn!(event = "accept-failed", addon = %self.addon, role = %self.forward.role, error = %error);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use bpg_tunnel::lifecycle::{daemon, foreground, run};
+use bpg_tunnel::lifecycle::{self, daemon, foreground, run};
 use bpg_tunnel::logfmt;
 use bpg_tunnel::options::{self, Options};
 
@@ -37,7 +37,7 @@ enum Command {
     /// Start the tunnels as a detached daemon and return once they are ready (profile.d, exec.d).
     Start {
         /// The process whose exit means the app is gone (`$$` in a profile.d script).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
         owner_pid: i32,
     },
     /// Start the tunnels, run CMD, keep the tunnels until it exits, and exit with its status.
@@ -52,21 +52,26 @@ enum Command {
     Stop,
     #[command(name = "__daemon", hide = true)]
     Daemon {
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
         owner_pid: i32,
     },
 }
 
 fn main() -> ExitCode {
-    forbid_core_dumps();
+    lifecycle::forbid_core_dumps();
     // SAFETY: sets a plain integer option; mimalloc reads options on every purge decision.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)
         .map_err(|error| error.format(&mut Cli::command()))
         .unwrap_or_else(|error| error.exit());
-    logfmt::init(&cli.options.log_filter());
-    let settings = cli.options.settings(options::flags_as_env(&matches));
+    let (settings, invalid) = cli.options.settings(&matches);
+    logfmt::init(&settings.log);
+    // The process that serves says what it replaced; `start` leaves that to the daemon it
+    // starts (which reads the same values), `stop` has nothing to say.
+    if !matches!(cli.command, Some(Command::Start { .. } | Command::Stop)) {
+        options::report(&invalid);
+    }
     let (engine, lifecycle) = (&settings.engine, &settings.lifecycle);
     match cli.command {
         Some(Command::Start { owner_pid }) => daemon::start(lifecycle, owner_pid),
@@ -86,19 +91,5 @@ fn with_runtime<F: std::future::Future<Output = ExitCode>>(future: impl FnOnce()
             eprintln!("bpg-tunnel: cannot start the async runtime: {error}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// The private key, the JWT and the database passwords live in this process's memory and
-/// environment: never let a crash write them to a core file.
-fn forbid_core_dumps() {
-    let none = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit and prctl only change this process's own attributes.
-    unsafe {
-        libc::setrlimit(libc::RLIMIT_CORE, &none);
-        libc::prctl(libc::PR_SET_DUMPABLE, 0);
     }
 }

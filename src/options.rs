@@ -1,8 +1,14 @@
 //! The daemon's own settings. Every one is a flag and a `BPG_TUNNEL_*` variable, so it can be
 //! set as a Heroku config var without touching the Procfile. [`Options::settings`] turns them
 //! into each component's own settings, once; nothing else reads `Options`.
+//!
+//! A value that cannot be used never stops the process (the app would not start with it): clap
+//! takes every value as text, and [`Options::settings`] checks it, uses the default instead of
+//! a bad one, and returns what it replaced, for a warning that names the variable (or flag),
+//! what was expected and the default used.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
@@ -15,114 +21,283 @@ use crate::private_app::RegistrationSettings;
 use crate::ssh::SessionSettings;
 use crate::supervisor::SupervisorSettings;
 
+/// The longest piece of a bad value quoted back in a warning.
+const SHOWN_CHARS: usize = 64;
+
+// Every field is the value as given; `settings` parses it (see the module's comment).
 #[derive(Debug, Clone, Args)]
 pub struct Options {
     /// How long to wait for the SSH server to accept, complete the handshake and authenticate.
-    #[arg(long, env = "BPG_TUNNEL_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
-    pub connect_timeout: Duration,
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_CONNECT_TIMEOUT",
+        default_value = "10s",
+        value_name = "DURATION"
+    )]
+    connect_timeout: OsString,
 
     /// After this long without hearing from the SSH server, ask it for a sign of life.
-    #[arg(long, env = "BPG_TUNNEL_KEEPALIVE_INTERVAL", default_value = "3s", value_parser = parse_positive_duration)]
-    pub keepalive_interval: Duration,
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_KEEPALIVE_INTERVAL",
+        default_value = "3s",
+        value_name = "DURATION"
+    )]
+    keepalive_interval: OsString,
 
-    /// The session is declared dead after this many keepalive intervals without a reply (at
-    /// least 2, so that at least one keepalive is sent and given an interval to be answered).
-    #[arg(long, env = "BPG_TUNNEL_KEEPALIVE_COUNT", default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..100))]
-    pub keepalive_count: u32,
+    /// The session is declared dead after this many keepalive intervals without a reply (2 to
+    /// 99: at least one keepalive is sent and given an interval to be answered).
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_KEEPALIVE_COUNT",
+        default_value = "3",
+        value_name = "COUNT"
+    )]
+    keepalive_count: OsString,
 
     /// How long a new connection waits for the SSH session while it is down before being closed.
-    #[arg(long, env = "BPG_TUNNEL_CONNECTION_WAIT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub connection_wait_timeout: Duration,
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_CONNECTION_WAIT_TIMEOUT",
+        default_value = "30s",
+        value_name = "DURATION"
+    )]
+    connection_wait_timeout: OsString,
 
     /// Longest pause between reconnect attempts after network failures.
-    #[arg(long, env = "BPG_TUNNEL_RECONNECT_MAX_DELAY", default_value = "10s", value_parser = parse_duration)]
-    pub reconnect_max_delay: Duration,
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_RECONNECT_MAX_DELAY",
+        default_value = "10s",
+        value_name = "DURATION"
+    )]
+    reconnect_max_delay: OsString,
 
     /// Pause after the server rejects our key or presents the wrong host key (it runs fail2ban).
-    #[arg(long, env = "BPG_TUNNEL_AUTH_FAILURE_DELAY", default_value = "30s", value_parser = parse_duration)]
-    pub auth_failure_delay: Duration,
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_AUTH_FAILURE_DELAY",
+        default_value = "30s",
+        value_name = "DURATION"
+    )]
+    auth_failure_delay: OsString,
 
     /// `start` and `run` return (or start the app) once every tunnel is up, or after this long.
-    #[arg(long, env = "BPG_TUNNEL_READY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub ready_timeout: Duration,
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_READY_TIMEOUT",
+        default_value = "10s",
+        value_name = "DURATION"
+    )]
+    ready_timeout: OsString,
 
     /// After SIGTERM, keep serving while the app drains, but leave after this long at most
     /// (Heroku sends SIGKILL 30 s after SIGTERM).
-    #[arg(long, env = "BPG_TUNNEL_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_DRAIN_TIMEOUT",
+        default_value = "25s",
+        value_name = "DURATION"
+    )]
+    drain_timeout: OsString,
 
     /// Once the app is gone (or on a plain stop), how long open connections get to finish.
-    #[arg(long, alias = "owner-grace", env = "BPG_TUNNEL_GRACE", default_value = "2s", value_parser = parse_duration)]
-    pub grace: Duration,
+    #[arg(
+        long,
+        alias = "owner-grace",
+        env = "BPG_TUNNEL_GRACE",
+        default_value = "2s",
+        value_name = "DURATION"
+    )]
+    grace: OsString,
 
     /// Where the daemon keeps its pid file; default `$XDG_RUNTIME_DIR`, else `$HOME/.borealis-pg`.
-    #[arg(long, env = "BPG_TUNNEL_STATE_DIR")]
-    pub state_dir: Option<std::path::PathBuf>,
+    #[arg(long, env = "BPG_TUNNEL_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<OsString>,
 
     /// Private-app-tunnel mode: how often the dyno's registration is renewed (the add-on drops
     /// it 75 min after the last renewal).
-    #[arg(long, env = "BPG_TUNNEL_PRIVATE_TUNNEL_EXTEND_INTERVAL", default_value = "65m", value_parser = parse_extend_interval)]
-    pub private_tunnel_extend_interval: Duration,
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_PRIVATE_TUNNEL_EXTEND_INTERVAL",
+        default_value = "65m",
+        value_name = "DURATION"
+    )]
+    private_tunnel_extend_interval: OsString,
 
     /// Private-app-tunnel mode: pause before retrying a renewal that failed on the network or
     /// with a 5xx.
-    #[arg(long, env = "BPG_TUNNEL_PRIVATE_TUNNEL_RETRY_INTERVAL", default_value = "3m", value_parser = parse_positive_duration)]
-    pub private_tunnel_retry_interval: Duration,
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_PRIVATE_TUNNEL_RETRY_INTERVAL",
+        default_value = "3m",
+        value_name = "DURATION"
+    )]
+    private_tunnel_retry_interval: OsString,
 
     /// Private-app-tunnel mode: the longest any one request to the add-on's API may take.
-    #[arg(long, env = "BPG_TUNNEL_PRIVATE_TUNNEL_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
-    pub private_tunnel_request_timeout: Duration,
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_PRIVATE_TUNNEL_REQUEST_TIMEOUT",
+        default_value = "10s",
+        value_name = "DURATION"
+    )]
+    private_tunnel_request_timeout: OsString,
 
     /// Tests only: a PEM file of one more CA to trust for the add-on's API, on top of the
     /// built-in web roots. Never needed in production.
     #[arg(long, env = "BPG_TUNNEL_TEST_API_CA_FILE", hide = true)]
-    pub test_api_ca_file: Option<std::path::PathBuf>,
+    test_api_ca_file: Option<OsString>,
 
-    /// Log filter in RUST_LOG syntax (`info`, `debug`, `bpg_tunnel=debug`); RUST_LOG is read
-    /// when this is not set; the default is `info`.
-    #[arg(long, env = "BPG_TUNNEL_LOG")]
-    pub log: Option<String>,
+    /// What to log: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`), or
+    /// `target=level` pairs separated by commas (`info,russh=debug`). The app's own RUST_LOG is
+    /// never read.
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    log: OsString,
+}
+
+/// A setting whose value could not be used, and the default used instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSetting {
+    /// The variable, or the flag when the value came from one.
+    pub name: String,
+    /// What is wrong and what was expected; the value is quoted at most in part.
+    pub problem: String,
+    pub default: String,
 }
 
 impl Options {
-    /// Each component's settings, built once; `flags_env` is what [`flags_as_env`] found.
-    pub fn settings(&self, flags_env: Vec<(String, OsString)>) -> Settings {
-        Settings {
+    /// Each component's settings, built once from the values `matches` holds, and whatever had
+    /// to be replaced by its default.
+    pub fn settings(&self, matches: &ArgMatches) -> (Settings, Vec<InvalidSetting>) {
+        let mut read = Reader {
+            matches,
+            args: Options::augment_args(clap::Command::new("options")),
+            invalid: Vec::new(),
+        };
+        let settings = Settings {
             engine: EngineSettings {
                 supervisor: SupervisorSettings {
                     session: SessionSettings {
-                        connect_timeout: self.connect_timeout,
-                        keepalive_interval: self.keepalive_interval,
-                        keepalive_count: self.keepalive_count,
+                        connect_timeout: read.value(
+                            "connect_timeout",
+                            &self.connect_timeout,
+                            parse_positive_duration,
+                        ),
+                        keepalive_interval: read.value(
+                            "keepalive_interval",
+                            &self.keepalive_interval,
+                            parse_positive_duration,
+                        ),
+                        keepalive_count: read.value(
+                            "keepalive_count",
+                            &self.keepalive_count,
+                            parse_keepalive_count,
+                        ),
                     },
-                    reconnect_max_delay: self.reconnect_max_delay,
-                    auth_failure_delay: self.auth_failure_delay,
+                    reconnect_max_delay: read.value(
+                        "reconnect_max_delay",
+                        &self.reconnect_max_delay,
+                        parse_duration,
+                    ),
+                    auth_failure_delay: read.value(
+                        "auth_failure_delay",
+                        &self.auth_failure_delay,
+                        parse_duration,
+                    ),
                 },
                 forwarder: ForwarderSettings {
-                    connection_wait_timeout: self.connection_wait_timeout,
+                    connection_wait_timeout: read.value(
+                        "connection_wait_timeout",
+                        &self.connection_wait_timeout,
+                        parse_duration,
+                    ),
                 },
                 registration: RegistrationSettings {
-                    extend_interval: self.private_tunnel_extend_interval,
-                    retry_interval: self.private_tunnel_retry_interval,
-                    request_timeout: self.private_tunnel_request_timeout,
-                    test_api_ca_file: self.test_api_ca_file.clone(),
+                    extend_interval: read.value(
+                        "private_tunnel_extend_interval",
+                        &self.private_tunnel_extend_interval,
+                        parse_extend_interval,
+                    ),
+                    retry_interval: read.value(
+                        "private_tunnel_retry_interval",
+                        &self.private_tunnel_retry_interval,
+                        parse_positive_duration,
+                    ),
+                    request_timeout: read.value(
+                        "private_tunnel_request_timeout",
+                        &self.private_tunnel_request_timeout,
+                        parse_positive_duration,
+                    ),
+                    test_api_ca_file: path(&self.test_api_ca_file),
                 },
             },
             lifecycle: LifecycleSettings {
-                ready_timeout: self.ready_timeout,
-                drain_timeout: self.drain_timeout,
-                grace: self.grace,
-                state_dir: self.state_dir.clone(),
-                flags_env,
+                ready_timeout: read.value("ready_timeout", &self.ready_timeout, parse_duration),
+                drain_timeout: read.value("drain_timeout", &self.drain_timeout, parse_duration),
+                grace: read.value("grace", &self.grace, parse_duration),
+                state_dir: path(&self.state_dir),
+                flags_env: flags_as_env(matches),
             },
-        }
+            log: read.value("log", &self.log, parse_log_filter),
+        };
+        (settings, read.invalid)
     }
+}
 
-    pub fn log_filter(&self) -> String {
-        self.log
-            .clone()
-            .or_else(|| std::env::var("RUST_LOG").ok())
-            .unwrap_or_else(|| "info".to_owned())
+/// An empty value is no value: a config var set to nothing means the default.
+fn path(raw: &Option<OsString>) -> Option<PathBuf> {
+    raw.as_ref()
+        .filter(|raw| !raw.is_empty())
+        .map(PathBuf::from)
+}
+
+struct Reader<'a> {
+    matches: &'a ArgMatches,
+    args: clap::Command,
+    invalid: Vec<InvalidSetting>,
+}
+
+impl Reader<'_> {
+    /// `raw` parsed, or (remembering why) the option's default.
+    fn value<T>(&mut self, id: &str, raw: &OsStr, parse: fn(&str) -> Result<T, String>) -> T {
+        let arg = self
+            .args
+            .get_arguments()
+            .find(|arg| arg.get_id() == id)
+            .expect("every option is declared");
+        let default = arg.get_default_values()[0]
+            .to_str()
+            .expect("defaults are text");
+        let parsed = match raw.to_str() {
+            // An empty value is no value: a config var set to nothing means the default.
+            Some(text) if text.trim().is_empty() => return parse(default).expect("defaults parse"),
+            Some(text) => parse(text),
+            None => Err("is not valid UTF-8".to_owned()),
+        };
+        parsed.unwrap_or_else(|problem| {
+            let name = match self.matches.value_source(id) {
+                Some(ValueSource::CommandLine) => {
+                    format!("--{}", arg.get_long().expect("every option is a long flag"))
+                }
+                _ => arg
+                    .get_env()
+                    .expect("every option is a variable")
+                    .to_string_lossy()
+                    .into_owned(),
+            };
+            self.invalid.push(InvalidSetting {
+                name,
+                problem,
+                default: default.to_owned(),
+            });
+            parse(default).expect("defaults parse")
+        })
     }
 }
 
@@ -131,6 +306,21 @@ impl Options {
 pub struct Settings {
     pub engine: EngineSettings,
     pub lifecycle: LifecycleSettings,
+    /// The log filter, checked.
+    pub log: String,
+}
+
+/// Warns of each setting replaced by its default: once, by the process that serves.
+pub fn report(invalid: &[InvalidSetting]) {
+    for setting in invalid {
+        tracing::warn!(
+            event = "setting-invalid",
+            var = %setting.name,
+            error = %setting.problem,
+            default = %setting.default,
+            "using the default; the tunnel runs"
+        );
+    }
 }
 
 /// The options given as flags, as the `BPG_TUNNEL_*` variables they stand for: a re-executed
@@ -151,14 +341,58 @@ pub fn flags_as_env(matches: &ArgMatches) -> Vec<(String, OsString)> {
         .collect()
 }
 
+/// `raw` as quoted back in a message: at most [`SHOWN_CHARS`] characters of it.
+fn shown(raw: &str) -> String {
+    let mut chars = raw.chars();
+    let head: String = chars.by_ref().take(SHOWN_CHARS).collect();
+    if chars.next().is_some() {
+        format!("{head:?}…")
+    } else {
+        format!("{head:?}")
+    }
+}
+
+/// A level, or `target=level` directives separated by commas. Stricter than tracing's own
+/// syntax on purpose: there a misspelt level (`verbose`) is read as a target name, which would
+/// silence the daemon without a word.
+fn parse_log_filter(raw: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let expected = "expected a level (error, warn, info, debug, trace, off) or target=level pairs separated by commas";
+    let filter = raw.trim().to_ascii_lowercase();
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target_ok, level) = match directive.split_once('=') {
+            Some((target, level)) => (
+                !target.trim().is_empty()
+                    && target
+                        .trim()
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-')),
+                level,
+            ),
+            None => (true, directive),
+        };
+        if !target_ok || !LEVELS.contains(&level.trim()) {
+            return Err(format!("{} is not a log filter; {expected}", shown(raw)));
+        }
+    }
+    Ok(filter)
+}
+
+fn parse_keepalive_count(raw: &str) -> Result<u32, String> {
+    match raw.trim().parse::<u32>() {
+        Ok(count) if (2..100).contains(&count) => Ok(count),
+        _ => Err(format!("{} is not a count from 2 to 99", shown(raw))),
+    }
+}
+
 /// A renewal period the add-on's 75 min expiry leaves room for.
 fn parse_extend_interval(raw: &str) -> Result<Duration, String> {
     let interval = parse_positive_duration(raw)?;
     if interval >= Duration::from_secs(75 * 60) {
-        return Err(
-            "expected less than 75m: the add-on drops a registration 75 min after its last renewal"
-                .into(),
-        );
+        return Err(format!(
+            "{} is too long; expected less than 75m: the add-on drops a registration 75 min after its last renewal",
+            shown(raw)
+        ));
     }
     Ok(interval)
 }
@@ -167,9 +401,10 @@ fn parse_extend_interval(raw: &str) -> Result<Duration, String> {
 /// would keep every session from ever staying up).
 fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
     match parse_duration(raw)? {
-        d if d < Duration::from_millis(100) => {
-            Err(format!("{raw:?} is too short; expected at least 100ms"))
-        }
+        d if d < Duration::from_millis(100) => Err(format!(
+            "{} is too short; expected at least 100ms",
+            shown(raw)
+        )),
         d => Ok(d),
     }
 }
@@ -184,26 +419,40 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(raw.len());
     let (number, unit) = raw.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration; expected e.g. 500ms, 3s, 2m"))?;
+    let number: f64 = number.parse().map_err(|_| {
+        format!(
+            "{} is not a duration; expected e.g. 500ms, 3s, 2m",
+            shown(raw)
+        )
+    })?;
     let scale = match unit.trim() {
         "ms" => 0.001,
         "" | "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("unknown unit {other:?}; expected ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "{} has the unknown unit {}; expected ms, s, m or h",
+                shown(raw),
+                shown(other)
+            ))
+        }
     };
     Duration::try_from_secs_f64(number * scale)
         .ok()
         .filter(|d| *d <= MAX_DURATION)
-        .ok_or_else(|| format!("{raw:?} is out of range; expected at most 24h, e.g. 500ms, 3s, 2m"))
+        .ok_or_else(|| {
+            format!(
+                "{} is out of range; expected at most 24h, e.g. 500ms, 3s, 2m",
+                shown(raw)
+            )
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::{CommandFactory, FromArgMatches};
 
     #[derive(Debug, clap::Parser)]
     struct Cli {
@@ -219,6 +468,100 @@ mod tests {
             #[arg(long)]
             owner_pid: i32,
         },
+    }
+
+    fn settings_from(args: &[&str]) -> (Settings, Vec<InvalidSetting>) {
+        let argv = std::iter::once("bpg-tunnel").chain(args.iter().copied());
+        let matches = Cli::command().try_get_matches_from(argv).unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        cli.options.settings(&matches)
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        let (settings, invalid) = settings_from(&[]);
+        assert_eq!(invalid, []);
+        assert_eq!(settings.lifecycle.grace, Duration::from_secs(2));
+        assert_eq!(settings.engine.supervisor.session.keepalive_count, 3);
+        assert_eq!(settings.log, "info");
+    }
+
+    #[test]
+    fn a_bad_value_is_named_and_replaced_by_the_default_and_the_rest_still_apply() {
+        let (settings, invalid) = settings_from(&[
+            "--connect-timeout",
+            "10 seconds",
+            "--keepalive-count",
+            "1",
+            "--log",
+            "verbose",
+            "--grace",
+            "250ms",
+            "--private-tunnel-extend-interval",
+            "80m",
+        ]);
+        let session = &settings.engine.supervisor.session;
+        assert_eq!(session.connect_timeout, Duration::from_secs(10));
+        assert_eq!(session.keepalive_count, 3);
+        assert_eq!(settings.log, "info");
+        assert_eq!(settings.lifecycle.grace, Duration::from_millis(250));
+        assert_eq!(
+            settings.engine.registration.extend_interval,
+            Duration::from_secs(65 * 60)
+        );
+        let named: Vec<_> = invalid
+            .iter()
+            .map(|i| (i.name.as_str(), i.default.as_str()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("--connect-timeout", "10s"),
+                ("--keepalive-count", "3"),
+                ("--private-tunnel-extend-interval", "65m"),
+                ("--log", "info"),
+            ]
+        );
+        assert_eq!(
+            invalid[0].problem,
+            "\"10 seconds\" has the unknown unit \"seconds\"; expected ms, s, m or h"
+        );
+        assert_eq!(invalid[1].problem, "\"1\" is not a count from 2 to 99");
+    }
+
+    #[test]
+    fn an_empty_value_means_the_default() {
+        let (settings, invalid) = settings_from(&["--ready-timeout", " ", "--state-dir", ""]);
+        assert_eq!(invalid, []);
+        assert_eq!(settings.lifecycle.ready_timeout, Duration::from_secs(10));
+        assert_eq!(settings.lifecycle.state_dir, None);
+    }
+
+    #[test]
+    fn log_filters_are_levels_or_target_level_pairs() {
+        assert_eq!(parse_log_filter("INFO"), Ok("info".to_owned()));
+        assert_eq!(
+            parse_log_filter("warn, bpg_tunnel=debug,russh::client=trace"),
+            Ok("warn, bpg_tunnel=debug,russh::client=trace".to_owned())
+        );
+        for bad in [
+            "verbose",
+            "info,loud",
+            "bpg_tunnel=loud",
+            "a b=info",
+            "=info",
+        ] {
+            assert!(parse_log_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn long_values_are_quoted_only_in_part() {
+        let long = "x".repeat(10_000);
+        let problem = parse_duration(&long).unwrap_err();
+        assert!(problem.len() < 200, "{problem}");
+        assert!(problem.starts_with(&format!("\"{}\"…", "x".repeat(64))));
+        assert_eq!(shown("short"), "\"short\"");
     }
 
     #[test]

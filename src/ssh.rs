@@ -124,7 +124,7 @@ impl Session {
         server: &SshServer,
         settings: &SessionSettings,
     ) -> Result<Session, SessionError> {
-        let name = format!("{}:{}", server.host, server.port);
+        let name = server.address();
         let deadline = tokio::time::Instant::now() + settings.connect_timeout;
         let timeout = || SessionError::Timeout {
             server: name.clone(),

@@ -61,7 +61,7 @@ impl Supervisor {
     /// Runs until `shutdown` is cancelled. Never gives up because the server is away.
     pub async fn run(self, shutdown: CancellationToken) {
         let addon = self.addon.name.as_str();
-        let server = format!("{}:{}", self.addon.ssh.host, self.addon.ssh.port);
+        let server = self.addon.ssh.address();
         let mut backoff = Backoff::new(FIRST_RETRY, self.settings.reconnect_max_delay);
         let mut rejections = 0u32;
         let mut attempt = 0u32;

@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use support::{daemon_pid, psql_url, wait_gone, Tunnel};
@@ -275,11 +276,19 @@ fn run_scrubs_the_secrets_reports_a_missing_command_and_runs_the_app_without_tun
     assert!(out.contains("event=stopped"), "{out}");
 
     // As a shell would: 127 for a command that is not there; the tunnels still stop in order.
-    let mut run = Tunnel::spawn(vars.iter(), &["run", "--", "/nonexistent/app"]);
+    let mut run = Tunnel::spawn(
+        vars.iter(),
+        &["run", "--", "/nonexistent/app", "--password=hunter2"],
+    );
     let status = run.wait_exit(T).expect("run exits");
     let out = run.lines().join("\n");
     assert_eq!(status.code(), Some(127), "{out}");
     assert!(out.contains("event=command-failed"), "{out}");
+    assert!(out.contains("/nonexistent/app"), "{out}");
+    assert!(
+        !out.contains("hunter2"),
+        "the arguments may hold secrets:\n{out}"
+    );
     assert!(out.contains("event=stopped"), "{out}");
 
     // Nothing to serve: the app still runs, and its status is run's.
@@ -289,6 +298,198 @@ fn run_scrubs_the_secrets_reports_a_missing_command_and_runs_the_app_without_tun
     let out = run.lines().join("\n");
     assert_eq!(status.code(), Some(7), "{out}");
     assert!(out.contains("event=nothing-to-serve"), "{out}");
+}
+
+#[test]
+fn an_invalid_setting_or_the_apps_rust_log_never_keeps_the_app_or_the_tunnel_from_starting() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (vars, _) = dyno_vars(&lab, &state);
+
+    // `run`: the app starts and reaches the database; the tunnel says what it replaced, and the
+    // app's own RUST_LOG does not silence it.
+    let app = r#"echo app-started; psql "$APP_URL" -XAtc "select 'through'""#;
+    let script = format!(
+        r#"unset BPG_TUNNEL_LOG; export RUST_LOG=myapp=debug BPG_TUNNEL_CONNECT_TIMEOUT="10 seconds"; exec bpg-tunnel run -- sh -c {}"#,
+        shell_quote(app)
+    );
+    let mut run = Tunnel::bash(vars.iter(), &script);
+    let status = run.wait_exit(T).expect("run exits with its command");
+    let out = run.lines().join("\n");
+    assert!(status.success(), "{out}");
+    assert!(out.contains("app-started"), "{out}");
+    assert!(out.contains("through"), "{out}");
+    assert!(out.contains("event=ready"), "{out}");
+    let warning = run.wait_for(&["event=setting-invalid"], T);
+    assert!(warning.contains("level=warn"), "{warning}");
+    assert!(
+        warning.contains("var=BPG_TUNNEL_CONNECT_TIMEOUT"),
+        "{warning}"
+    );
+    assert!(warning.contains("default=10s"), "{warning}");
+
+    // `start`: the daemon serves with the default and says so, once.
+    let dyno = Tunnel::bash(
+        vars.iter(),
+        r#"export BPG_TUNNEL_KEEPALIVE_COUNT=many; bpg-tunnel start --owner-pid $$; psql "$APP_URL" -XAtc "select 'booted'"; sleep 30"#,
+    );
+    dyno.wait_for(&["booted"], T);
+    dyno.wait_for(
+        &["event=setting-invalid", "var=BPG_TUNNEL_KEEPALIVE_COUNT"],
+        T,
+    );
+    assert_eq!(dyno.count("event=setting-invalid"), 1);
+    let daemon = daemon_pid(state.path()).unwrap();
+    unsafe { libc::kill(daemon, libc::SIGHUP) };
+    wait_gone(daemon, Duration::from_secs(5)).unwrap();
+}
+
+/// The attachment with its SSH server unreachable (nothing listens on its port).
+fn server_down_vars(lab: &support::Lab, state: &tempfile::TempDir) -> BTreeMap<String, String> {
+    let mut db = lab.attachment("DATABASE");
+    db.set_conn_info("SSH_PORT", &support::free_port().to_string());
+    let mut vars = db.vars.clone();
+    vars.insert(
+        "BPG_TUNNEL_STATE_DIR".into(),
+        state.path().display().to_string(),
+    );
+    vars.insert("BPG_TUNNEL_READY_TIMEOUT".into(), "10s".into());
+    vars.insert("BPG_TUNNEL_DRAIN_TIMEOUT".into(), "2s".into());
+    vars
+}
+
+#[test]
+fn a_sigterm_while_start_waits_for_the_server_starts_the_drain_at_once() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let vars = server_down_vars(&lab, &state);
+    // The app ignores SIGTERM and stays: only the drain deadline ends the daemon.
+    let _dyno = Tunnel::bash(
+        vars.iter(),
+        r#"trap '' TERM; bpg-tunnel start --owner-pid $$; sleep 60"#,
+    );
+    let started = Instant::now();
+    let daemon = loop {
+        if let Some(pid) = daemon_pid(state.path()) {
+            break pid;
+        }
+        assert!(started.elapsed() < T, "no daemon");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    let gone = wait_gone(daemon, T).expect("the daemon leaves");
+    // Drain 2 s from the signal, not from the end of the 10 s ready wait.
+    assert!(gone < Duration::from_secs(4), "left {gone:?} after SIGTERM");
+}
+
+#[test]
+fn a_sigterm_while_run_waits_for_the_server_never_starts_the_command() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let vars = server_down_vars(&lab, &state);
+    let mut run = Tunnel::spawn(
+        vars.iter(),
+        &["run", "--", "sh", "-c", "echo command-started; sleep 30"],
+    );
+    run.wait_for(&["event=ssh-connect-failed"], T);
+    let signalled = Instant::now();
+    run.signal(libc::SIGTERM);
+    let status = run.wait_exit(T).expect("run exits");
+    let out = run.lines().join("\n");
+    assert!(signalled.elapsed() < Duration::from_secs(5), "{out}");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{out}");
+    assert!(!out.contains("command-started"), "{out}");
+}
+
+#[test]
+fn an_owner_pid_that_is_no_process_is_refused() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (vars, _) = dyno_vars(&lab, &state);
+    for owner in ["0", "-1"] {
+        let mut start = Tunnel::spawn(vars.iter(), &["start", "--owner-pid", owner]);
+        let status = start.wait_exit(T).expect("start exits");
+        let out = start.lines().join("\n");
+        assert_eq!(status.code(), Some(2), "{owner}: {out}");
+        assert!(out.contains("--owner-pid"), "{owner}: {out}");
+        assert_eq!(daemon_pid(state.path()), None, "{owner}: a daemon started");
+    }
+}
+
+#[test]
+fn stop_signals_nothing_but_the_daemon() {
+    let Some(_lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("bpg-tunnel.pid");
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let bystander_pid = bystander.id().to_string();
+    // A pid file some process holds locked: empty (a daemon between its lock and its write),
+    // or naming a process that is not a daemon.
+    for content in ["", bystander_pid.as_str()] {
+        std::fs::write(&path, content).unwrap();
+        let held = std::fs::File::open(&path).unwrap();
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let mut command = std::process::Command::new(support::tunnel_binary());
+        command.args(["--state-dir", &state.path().display().to_string(), "stop"]);
+        // In a process group of its own: kill(0, …) would hit nothing else.
+        let mut stop = Tunnel::command(command, std::iter::empty());
+        let status = stop.wait_exit(T).expect("stop exits");
+        let out = stop.lines().join("\n");
+        assert_eq!(status.code(), Some(1), "{content:?}: {out}");
+        assert!(out.contains("event=stop-failed"), "{content:?}: {out}");
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "the bystander was signalled"
+        );
+    }
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
+
+#[test]
+fn an_unwritable_home_still_gives_one_daemon_that_stop_finds() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (mut vars, _) = dyno_vars(&lab, &state);
+    vars.remove("BPG_TUNNEL_STATE_DIR");
+    // Nothing can be created under /proc, not even by root.
+    vars.insert("HOME".into(), "/proc/no-such-home".into());
+    vars.insert("TMPDIR".into(), state.path().display().to_string());
+    let dyno = Tunnel::bash(
+        vars.iter(),
+        r#"bpg-tunnel start --owner-pid $$; bpg-tunnel start --owner-pid $$; psql "$APP_URL" -XAtc "select 'ok'"; bpg-tunnel stop; echo "stop-status=$?"; sleep 30"#,
+    );
+    dyno.wait_for(&["stop-status="], T);
+    let out = dyno.lines().join("\n");
+    assert!(out.contains("stop-status=0"), "{out}");
+    assert_eq!(dyno.count("event=already-running"), 1, "{out}");
+    assert_eq!(
+        dyno.count("event=listening addon=DATABASE role=writer"),
+        1,
+        "one daemon only:\n{out}"
+    );
+    assert!(out.contains("event=daemon-stopped"), "{out}");
+}
+
+#[test]
+fn runs_command_gets_the_core_limits_run_was_started_with() {
+    let Some(_lab) = support::lab() else { return };
+    let script = r#"ulimit -S -c 1024 2>/dev/null; echo "outer=$(ulimit -S -c)/$(ulimit -H -c)"; exec bpg-tunnel run -- bash -c 'echo "inner=$(ulimit -S -c)/$(ulimit -H -c)"'"#;
+    let mut run = Tunnel::bash(std::iter::empty(), script);
+    run.wait_exit(T).expect("run exits");
+    let lines = run.lines();
+    let value = |prefix: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {lines:#?}"))
+            .to_owned()
+    };
+    assert_eq!(value("inner="), value("outer="), "{lines:#?}");
 }
 
 fn shell_quote(raw: &str) -> String {

@@ -541,3 +541,26 @@ async fn an_upload_to_a_backend_that_goes_away_fails_instead_of_hanging() {
     );
     eprintln!("stopped {:?} after SIGTERM", stopping.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn running_out_of_descriptors_is_said_once_per_interval_and_serving_resumes() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    // Few descriptors: once they are used up, every accept fails with EMFILE while the
+    // connections pile up in the listen queue.
+    let tunnel = Tunnel::bash(db.vars.iter(), "ulimit -n 24; exec bpg-tunnel");
+    tunnel.wait_for(&["event=ssh-connected"], START);
+    let held: Vec<_> = (0..40)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", db.writer_port)).unwrap())
+        .collect();
+    tunnel.wait_for(&["event=accept-failed"], START);
+    std::thread::sleep(Duration::from_secs(3));
+    let lines = tunnel.count("event=accept-failed");
+    assert_eq!(lines, 1, "{:#?}", tunnel.lines());
+    drop(held);
+    let started = Instant::now();
+    while let Err(error) = server_addr(db.writer_port).await {
+        assert!(started.elapsed() < START, "serving did not resume: {error}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

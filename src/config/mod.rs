@@ -70,6 +70,22 @@ pub struct SshServer {
     pub host_key: HostKey,
 }
 
+impl SshServer {
+    /// `host:port`, with an IPv6 address in brackets: for log lines and messages.
+    pub fn address(&self) -> String {
+        host_port(&self.host, self.port)
+    }
+}
+
+/// `host:port`, with an IPv6 address in brackets.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
     Writer,

@@ -11,6 +11,8 @@ use super::keys::{parse_host_key, parse_private_key, ClientKey, HostKey};
 use super::{Addon, Forward, Jwt, PrivateApp, Problem, Role, Severity, SshServer};
 
 const DEFAULT_SSH_PORT: u16 = 22;
+/// The longest host name, user name or id accepted (a DNS name has at most 253 characters).
+const MAX_WORD: usize = 255;
 
 pub(super) enum Parsed {
     Ssh(Addon),
@@ -72,7 +74,7 @@ impl AddonParser<'_> {
         };
 
         // Parse every key before giving up, so one run of the app lists every mistake.
-        let host = self.required(
+        let host = self.host(
             &info,
             "SSH_HOST",
             "the SSH server's host name or IP address",
@@ -81,15 +83,24 @@ impl AddonParser<'_> {
         let username = self.required(&info, "SSH_USERNAME", "the SSH user name");
         let private_key = self.private_key(&info);
         let host_key = self.host_key(&info);
-        let writer_host = self.required(
+        let writer_host = self.host(
             &info,
             "POSTGRES_WRITER_HOST",
             "the writer database host name",
         );
         let pg_port = self.port(&info, "POSTGRES_PORT", db_url::DEFAULT_PG_PORT);
-        let reader_host = info
+        let reader_given = info
             .get("POSTGRES_READER_HOST")
-            .map(|h| h.trim().to_owned());
+            .is_some_and(|h| !h.trim().is_empty());
+        let reader_host = if reader_given {
+            self.host(
+                &info,
+                "POSTGRES_READER_HOST",
+                "the reader database host name",
+            )
+        } else {
+            None
+        };
 
         let (
             Some(host),
@@ -121,7 +132,6 @@ impl AddonParser<'_> {
         };
         let mut forwards = vec![writer.clone()];
         let reader_var = format!("{}_READONLY_URL", self.prefix);
-        let reader_host = reader_host.filter(|h| !h.is_empty());
         match (reader_host, self.env.contains_key(&reader_var)) {
             (Some(reader_host), true) => {
                 if let Some(reader) = self.reader(&reader_var, reader_host, pg_port, &writer) {
@@ -129,7 +139,7 @@ impl AddonParser<'_> {
                 }
             }
             // An add-on without a replica; worth a word since the app may try the URL anyway.
-            (None, true) => {
+            (None, true) if !reader_given => {
                 let var = self.var.to_owned();
                 self.problem(
                     Severity::Notice,
@@ -138,7 +148,7 @@ impl AddonParser<'_> {
                     format!("is not set, so {reader_var} is not served; expected the reader database host when the add-on has a read-only replica"),
                 );
             }
-            (_, false) => {}
+            _ => {}
         }
 
         Some(Parsed::Ssh(Addon {
@@ -204,7 +214,10 @@ impl AddonParser<'_> {
             }
         };
         if parsed.scheme() != "https" || parsed.host().is_none() {
-            self.key_error(KEY, format!("has scheme {:?}; expected an https:// URL, since the request carries the add-on's token", parsed.scheme()));
+            self.key_error(
+                KEY,
+                "is not https; expected an https:// URL, since the request carries the add-on's token",
+            );
             return None;
         }
         if parsed.query().is_some()
@@ -310,15 +323,38 @@ impl AddonParser<'_> {
         }
     }
 
+    /// A single word (host, user, id): these values are quoted back in log lines, so one that
+    /// could carry more (another item run into it, a pasted blob) is refused, unquoted.
+    /// A host: a name or an IP address, an IPv6 one with or without its brackets.
+    fn host(&mut self, info: &ConnInfo, key: &'static str, expected: &str) -> Option<String> {
+        let host = self.required(info, key, expected)?;
+        match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(inner) if inner.parse::<std::net::Ipv6Addr>().is_ok() => Some(inner.to_owned()),
+            _ => Some(host),
+        }
+    }
+
     fn required(&mut self, info: &ConnInfo, key: &'static str, expected: &str) -> Option<String> {
         match info.get(key).map(str::trim) {
-            Some(value) if !value.is_empty() && !value.contains(char::is_whitespace) => {
-                Some(value.to_owned())
-            }
-            Some(_) => {
+            Some(value) if value.contains(char::is_whitespace) => {
                 self.key_error(key, format!("contains white space; expected {expected}"));
                 None
             }
+            Some(value) if value.contains(":=") || value.contains('|') => {
+                self.key_error(
+                    key,
+                    format!("contains ':=' or '|'; expected {expected} (is a '|' missing between two items?)"),
+                );
+                None
+            }
+            Some(value) if value.len() > MAX_WORD => {
+                self.key_error(
+                    key,
+                    format!("is longer than {MAX_WORD} characters; expected {expected}"),
+                );
+                None
+            }
+            Some(value) => Some(value.to_owned()),
             None => {
                 self.key_error(key, format!("is missing; expected {expected}"));
                 None
@@ -333,10 +369,8 @@ impl AddonParser<'_> {
         match raw.trim().parse::<u16>() {
             Ok(port) if port != 0 => Some(port),
             _ => {
-                self.key_error(
-                    key,
-                    format!("is {raw:?}; expected a port number from 1 to 65535"),
-                );
+                // Not quoted back: a value with an item run into it would carry that item.
+                self.key_error(key, "is not a port number; expected 1 to 65535".to_owned());
                 None
             }
         }

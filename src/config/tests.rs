@@ -264,10 +264,10 @@ fn every_bad_key_is_named_with_what_was_expected() {
     let errors = errors(&d);
     let expect = [
         "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_HOST: is missing; expected the SSH server's host name or IP address",
-        "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_PORT: is \"ssh\"; expected a port number from 1 to 65535",
+        "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_PORT: is not a port number; expected 1 to 65535",
         "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_USER_PRIVATE_KEY: could not be read; expected",
         "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_PUBLIC_HOST_KEY: says \"ssh-rsa\" but the key is ssh-ed25519",
-        "DATABASE_TUNNEL_BPG_CONN_INFO: POSTGRES_PORT: is \"70000\"; expected a port number from 1 to 65535",
+        "DATABASE_TUNNEL_BPG_CONN_INFO: POSTGRES_PORT: is not a port number; expected 1 to 65535",
     ];
     for prefix in expect {
         assert!(
@@ -447,6 +447,73 @@ fn host_key_comparison_is_exact() {
     // A bare blob and a trailing comment are accepted too.
     assert!(parse_host_key(HOST_KEY.split(' ').nth(1).unwrap()).is_ok());
     assert!(parse_host_key(&format!("{HOST_KEY} root@host")).is_ok());
+}
+
+#[test]
+fn values_that_may_carry_a_secret_are_never_quoted_back() {
+    let long_host = "h".repeat(10_000);
+    for (key, value, secret) in [
+        // A '|' missing between two items runs the next one into this value.
+        (
+            "SSH_PORT",
+            "22SSH_USER_PRIVATE_KEY:=AAAEBqCUJB45",
+            "AAAEBqCUJB45",
+        ),
+        (
+            "POSTGRES_WRITER_HOST",
+            "db.internalPOSTGRES_WRITER_PASSWORD:=hunter2-secret",
+            "hunter2",
+        ),
+        ("SSH_HOST", long_host.as_str(), "hhhhhhhhhhhhhhhh"),
+        (
+            "POSTGRES_READER_HOST",
+            "r.internal x:=hunter2-secret",
+            "hunter2",
+        ),
+    ] {
+        let d = env(&[
+            ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[(key, value)])),
+            ("DATABASE_URL", url(5432)),
+            ("DATABASE_READONLY_URL", url(5433)),
+        ]);
+        let text = all_text(&d);
+        assert!(text.contains(key), "{key}: {text}");
+        assert!(!text.contains(secret), "{key}: {text}");
+        assert!(text.len() < 1000, "{key}: {text}");
+    }
+    // A URL without a scheme: its password would read as one.
+    let d = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+        ("DATABASE_URL", "S3cretPW:x@h/db".to_owned()),
+    ]);
+    let text = all_text(&d).to_ascii_lowercase();
+    assert!(text.contains("database_url"), "{text}");
+    assert!(!text.contains("s3cretpw"), "{text}");
+}
+
+#[test]
+fn an_ipv6_host_is_taken_with_or_without_brackets() {
+    let d = env(&[
+        (
+            "DATABASE_TUNNEL_BPG_CONN_INFO",
+            conn_info(&[("SSH_HOST", "[::1]"), ("POSTGRES_WRITER_HOST", "[fd00::5]")]),
+        ),
+        ("DATABASE_URL", url(5432)),
+    ]);
+    assert_eq!(errors(&d), Vec::<String>::new());
+    let addon = &d.addons[0];
+    assert_eq!(addon.ssh.host, "::1");
+    assert_eq!(addon.ssh.address(), "[::1]:22");
+    assert_eq!(addon.forwards[0].remote_host, "fd00::5");
+    // A name in brackets is not an address: kept as written, for the connect to report.
+    let d = env(&[
+        (
+            "DATABASE_TUNNEL_BPG_CONN_INFO",
+            conn_info(&[("SSH_HOST", "[ssh.example.com]")]),
+        ),
+        ("DATABASE_URL", url(5432)),
+    ]);
+    assert_eq!(d.addons[0].ssh.host, "[ssh.example.com]");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 use super::owner::Owner;
-use super::pidfile::{pid_path, running_daemon, PidFile};
+use super::pidfile::{self, candidates, running_daemon, Acquired};
 use super::signals::Signals;
 use super::LifecycleSettings;
 use crate::config;
@@ -37,9 +37,9 @@ pub fn start(lifecycle: &LifecycleSettings, owner_pid: i32) -> ExitCode {
         // No add-on attached: nothing to do, and nothing to say on a one-off dyno's terminal.
         return ExitCode::SUCCESS;
     }
-    let path = pid_path(lifecycle.state_dir.as_deref());
-    if let Some(pid) = running_daemon(&path) {
-        info!(event = "already-running", pid, pidfile = %path.display());
+    let places = candidates(lifecycle.state_dir.as_deref());
+    if let Some(found) = running_daemon(&places) {
+        info!(event = "already-running", pid = found.pid.unwrap_or(0), pidfile = %found.path.display());
         return ExitCode::SUCCESS;
     }
     let started = Instant::now();
@@ -53,12 +53,16 @@ pub fn start(lifecycle: &LifecycleSettings, owner_pid: i32) -> ExitCode {
     let ms = started.elapsed().as_millis() as u64;
     match report.as_deref().map(str::trim) {
         Some("ready") => debug!(event = "start-returned", ms, "every tunnel is up"),
-        Some("already-running") => info!(event = "already-running", pidfile = %path.display()),
+        Some("already-running") => info!(event = "already-running"),
         Some(other) if other.starts_with("not-ready") => warn!(
             event = "start-returned",
             ms,
             not_ready = other.trim_start_matches("not-ready").trim(),
             "some tunnels are not up yet; their connections wait for them"
+        ),
+        Some("stopping") => info!(
+            event = "start-returned",
+            ms, "the dyno is stopping; so is the tunnel"
         ),
         Some("failed") => {
             error!(
@@ -179,16 +183,17 @@ pub fn daemon(engine: &EngineSettings, lifecycle: &LifecycleSettings, owner_pid:
             let _ = writeln!(pipe, "{line}");
         }
     };
-    let path = pid_path(lifecycle.state_dir.as_deref());
-    let pidfile = match PidFile::acquire(&path) {
-        Ok(Some(pidfile)) => Some(pidfile),
-        Ok(None) => {
+    let pidfile = match pidfile::acquire(&candidates(lifecycle.state_dir.as_deref())) {
+        Acquired::Held(pidfile) => Some(pidfile),
+        Acquired::AlreadyRunning => {
             say("already-running");
             return ExitCode::SUCCESS;
         }
-        Err(pidfile_error) => {
+        Acquired::Failed(failures) => {
             // Serving matters more than being findable by `stop`.
-            warn!(event = "pidfile-failed", pidfile = %path.display(), error = %pidfile_error);
+            for (path, pidfile_error) in failures {
+                warn!(event = "pidfile-failed", pidfile = %path.display(), error = %pidfile_error);
+            }
             None
         }
     };
@@ -214,16 +219,24 @@ pub fn daemon(engine: &EngineSettings, lifecycle: &LifecycleSettings, owner_pid:
             say("failed");
             return ExitCode::FAILURE;
         };
-        match running.ready(lifecycle.ready_timeout).await {
-            Ok(()) => say("ready"),
-            Err(NotReady(addons)) => say(&format!("not-ready {}", addons.join(","))),
-        }
         let mut trigger = OwnerGone {
             owner,
             signals,
             grace: lifecycle.grace,
             drain_timeout: lifecycle.drain_timeout,
+            early: None,
         };
+        // Watched while waiting, so that a SIGTERM's drain deadline counts from the signal.
+        tokio::select! {
+            ready = running.ready(lifecycle.ready_timeout) => match ready {
+                Ok(()) => say("ready"),
+                Err(NotReady(addons)) => say(&format!("not-ready {}", addons.join(","))),
+            },
+            event = trigger.next_event() => {
+                say("stopping");
+                trigger.early = Some((event, tokio::time::Instant::now()));
+            }
+        }
         match running.serve(&mut trigger).await {
             Stopped::Gracefully => ExitCode::SUCCESS,
             Stopped::Aborted => ExitCode::from(130),
@@ -241,31 +254,58 @@ struct OwnerGone {
     signals: Signals,
     grace: Duration,
     drain_timeout: Duration,
+    /// What happened before serving began (during the ready wait), and when.
+    early: Option<(Event, tokio::time::Instant)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    OwnerExited,
+    Signal(&'static str),
+}
+
+impl OwnerGone {
+    async fn next_event(&mut self) -> Event {
+        tokio::select! {
+            () = self.owner.exited() => Event::OwnerExited,
+            name = self.signals.next_stop() => Event::Signal(name),
+        }
+    }
 }
 
 impl Trigger for OwnerGone {
     async fn stop(&mut self, running: &Running) -> Stop {
         let grace = self.grace;
         let owner = self.owner.pid();
-        let first = tokio::select! {
-            () = self.owner.exited() => {
-                info!(event = "owner-exited", owner, open_connections = running.open_connections());
+        let (first, at) = match self.early.take() {
+            Some(early) => early,
+            None => (self.next_event().await, tokio::time::Instant::now()),
+        };
+        let first = match first {
+            Event::OwnerExited => {
+                info!(
+                    event = "owner-exited",
+                    owner,
+                    open_connections = running.open_connections()
+                );
                 return Stop::Gracefully { grace };
             }
-            name = self.signals.next_stop() => name,
+            Event::Signal(name) => name,
         };
         if first == "SIGHUP" {
             info!(event = "signal", signal = first, "stopping");
             return Stop::Gracefully { grace };
         }
+        let deadline_at = at + self.drain_timeout;
         info!(
             event = "drain-started",
             signal = first,
             open_connections = running.open_connections(),
-            deadline_ms = self.drain_timeout.as_millis() as u64,
+            deadline_ms = deadline_at
+                .saturating_duration_since(tokio::time::Instant::now())
+                .as_millis() as u64,
             "serving until the app exits"
         );
-        let deadline_at = tokio::time::Instant::now() + self.drain_timeout;
         let deadline = tokio::time::sleep_until(deadline_at);
         tokio::pin!(deadline);
         loop {
@@ -297,18 +337,38 @@ impl Trigger for OwnerGone {
     }
 }
 
-/// `bpg-tunnel stop`: asks a running daemon to stop and waits for it.
+/// `bpg-tunnel stop`: asks a running daemon to stop and waits for it. Signals nothing but a
+/// bpg-tunnel daemon: a pid file without a usable pid is waited for briefly, then reported.
 pub fn stop(lifecycle: &LifecycleSettings) -> ExitCode {
-    let path = pid_path(lifecycle.state_dir.as_deref());
-    let Some(pid) = running_daemon(&path) else {
-        info!(event = "not-running", pidfile = %path.display());
-        return ExitCode::SUCCESS;
+    let places = candidates(lifecycle.state_dir.as_deref());
+    let started = Instant::now();
+    let found = loop {
+        match running_daemon(&places) {
+            None => {
+                info!(event = "not-running");
+                return ExitCode::SUCCESS;
+            }
+            Some(found) if found.pid.is_some_and(pidfile::is_daemon) => break found,
+            // Just started: its pid is written right after it takes the lock.
+            Some(_) if started.elapsed() < Duration::from_secs(1) => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Some(found) => {
+                error!(
+                    event = "stop-failed",
+                    pidfile = %found.path.display(),
+                    "a process holds the pid file, but it names no bpg-tunnel daemon; nothing was signalled"
+                );
+                return ExitCode::FAILURE;
+            }
+        }
     };
-    // SAFETY: plain kill(2).
+    let pid = found.pid.expect("checked above");
+    // SAFETY: plain kill(2), to a process just checked to be our daemon.
     unsafe { libc::kill(pid, libc::SIGHUP) };
     let deadline = Instant::now() + lifecycle.grace + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if running_daemon(&path).is_none() {
+        if running_daemon(&places).is_none() {
             info!(event = "daemon-stopped", pid);
             return ExitCode::SUCCESS;
         }

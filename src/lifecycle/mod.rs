@@ -7,6 +7,7 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 pub mod daemon;
@@ -29,4 +30,29 @@ pub struct LifecycleSettings {
     pub state_dir: Option<PathBuf>,
     /// The options given as flags, as variables, for the re-executed daemon.
     pub flags_env: Vec<(String, OsString)>,
+}
+
+/// The core-file limit this process was started with, for `run`'s command.
+static CORE_LIMIT: OnceLock<libc::rlimit> = OnceLock::new();
+
+/// The private key, the JWT and the database passwords live in this process's memory and
+/// environment: never let a crash write them to a core file. Only the soft limit is lowered,
+/// so `run` can give its command the limits it was itself started with.
+pub fn forbid_core_dumps() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit, setrlimit and prctl only read or change this process's own attributes.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_CORE, &mut limit) == 0 {
+            let _ = CORE_LIMIT.set(limit);
+        }
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: limit.rlim_max,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0);
+    }
 }

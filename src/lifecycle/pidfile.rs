@@ -1,26 +1,67 @@
 //! The daemon's pid file, locked with `flock` for the daemon's whole life: the kernel drops the
 //! lock when the process dies, so a stale file left by a killed daemon is recognised as such,
 //! and PID reuse cannot fool it.
+//!
+//! It lives in the first usable place of a fixed order (see [`candidates`]), and `start` and
+//! `stop` look in all of them, so a read-only `$HOME` neither loses the daemon nor lets a second
+//! one start. A place is usable only in a directory no other user can write to, and the file is
+//! never opened through a symbolic link: a pid file under a shared temporary directory cannot be
+//! turned against another file.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Where the daemon's pid file is: in `state_dir` if given, else `$XDG_RUNTIME_DIR`, else
-/// `$HOME/.borealis-pg`.
-pub fn pid_path(state_dir: Option<&Path>) -> PathBuf {
-    let dir = state_dir
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".borealis-pg")))
-        .unwrap_or_else(|| std::env::temp_dir().join("borealis-pg"));
-    dir.join("bpg-tunnel.pid")
+const FILE_NAME: &str = "bpg-tunnel.pid";
+
+/// Where the pid file may be, in order: `state_dir` alone when given; otherwise
+/// `$XDG_RUNTIME_DIR`, `$HOME/.borealis-pg`, and a directory of this user's own under the
+/// temporary directory (`$TMPDIR`, else `/tmp`).
+pub fn candidates(state_dir: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(dir) = state_dir {
+        return vec![dir.join(FILE_NAME)];
+    }
+    let mut dirs = Vec::new();
+    dirs.extend(std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from));
+    dirs.extend(std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".borealis-pg")));
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    dirs.push(std::env::temp_dir().join(format!("borealis-pg-{uid}")));
+    dirs.into_iter()
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(FILE_NAME))
+        .collect()
 }
 
-/// The pid of the daemon holding `path`'s lock, if one is alive.
-pub fn running_daemon(path: &Path) -> Option<i32> {
-    let mut file = File::open(path).ok()?;
+/// A live daemon found through its pid file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub path: PathBuf,
+    /// `None` while the daemon has locked the file but not yet written its pid (or the file
+    /// holds something else).
+    pub pid: Option<i32>,
+}
+
+/// The live daemon holding one of `paths`, if there is one.
+pub fn running_daemon(paths: &[PathBuf]) -> Option<Found> {
+    paths.iter().find_map(|path| {
+        holder(path).map(|pid| Found {
+            path: path.clone(),
+            pid,
+        })
+    })
+}
+
+/// `Some` when a live process holds `path`'s lock, with the pid it wrote if that is a plausible
+/// daemon's.
+fn holder(path: &Path) -> Option<Option<i32>> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
     // SAFETY: flock on a descriptor we own.
     let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
     if free {
@@ -28,8 +69,47 @@ pub fn running_daemon(path: &Path) -> Option<i32> {
         return None;
     }
     let mut text = String::new();
-    file.read_to_string(&mut text).ok()?;
-    text.trim().parse().ok().or(Some(0))
+    let pid = file
+        .read_to_string(&mut text)
+        .ok()
+        .and_then(|_| text.trim().parse::<i32>().ok())
+        .filter(|pid| *pid > 1);
+    Some(pid)
+}
+
+/// Whether `pid` is a bpg-tunnel daemon (our hidden `__daemon` entry), so that a pid file with
+/// the wrong number in it never makes `stop` signal another process.
+pub fn is_daemon(pid: i32) -> bool {
+    if pid <= 1 {
+        return false;
+    }
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).nth(1) == Some(b"__daemon"))
+}
+
+/// What [`acquire`] found.
+pub enum Acquired {
+    Held(PidFile),
+    /// Another live daemon holds one of the places.
+    AlreadyRunning,
+    /// No place was usable; why, for each.
+    Failed(Vec<(PathBuf, std::io::Error)>),
+}
+
+/// Takes the first usable place of `paths`, unless a live daemon holds one of them.
+pub fn acquire(paths: &[PathBuf]) -> Acquired {
+    if running_daemon(paths).is_some() {
+        return Acquired::AlreadyRunning;
+    }
+    let mut failures = Vec::new();
+    for path in paths {
+        match PidFile::acquire(path) {
+            Ok(Some(pidfile)) => return Acquired::Held(pidfile),
+            Ok(None) => return Acquired::AlreadyRunning,
+            Err(error) => failures.push((path.clone(), error)),
+        }
+    }
+    Acquired::Failed(failures)
 }
 
 /// The daemon's locked pid file; removed when dropped.
@@ -40,15 +120,21 @@ pub struct PidFile {
 
 impl PidFile {
     /// `Ok(None)` when another live daemon holds it.
-    pub fn acquire(path: &Path) -> std::io::Result<Option<PidFile>> {
+    fn acquire(path: &Path) -> std::io::Result<Option<PidFile>> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            check_private(dir)?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -66,6 +152,29 @@ impl PidFile {
             path: path.to_owned(),
         }))
     }
+
+    #[cfg(test)]
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Refuses a directory another user could write to (or one owned by another user who is not
+/// root): they could replace the pid file, or plant one that points `stop` elsewhere.
+fn check_private(dir: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let others_write = meta.mode() & 0o002 != 0;
+    let group_writes = meta.mode() & 0o020 != 0;
+    let owner_ok = meta.uid() == uid || (meta.uid() == 0 && !group_writes);
+    if !meta.is_dir() || others_write || !owner_ok {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "expected a directory of this user's that no other user can write to",
+        ));
+    }
+    Ok(())
 }
 
 impl Drop for PidFile {
@@ -80,20 +189,100 @@ impl Drop for PidFile {
 mod tests {
     use super::*;
 
+    fn private_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        dir
+    }
+
     #[test]
     fn pid_file_is_exclusive_and_a_stale_one_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub").join("bpg-tunnel.pid");
-        assert_eq!(running_daemon(&path), None);
-        let held = PidFile::acquire(&path).unwrap().unwrap();
-        assert_eq!(running_daemon(&path), Some(std::process::id() as i32));
-        assert!(PidFile::acquire(&path).unwrap().is_none());
+        let dir = private_dir();
+        let path = dir.path().join("sub").join(FILE_NAME);
+        let paths = [path.clone()];
+        assert_eq!(running_daemon(&paths), None);
+        let Acquired::Held(held) = acquire(&paths) else {
+            panic!("not acquired")
+        };
+        let me = std::process::id() as i32;
+        assert_eq!(running_daemon(&paths).unwrap().pid, Some(me));
+        assert!(matches!(acquire(&paths), Acquired::AlreadyRunning));
         drop(held);
         assert!(!path.exists());
 
         // A file left by a killed daemon: present, unlocked.
         std::fs::write(&path, "999999\n").unwrap();
-        assert_eq!(running_daemon(&path), None);
-        assert!(PidFile::acquire(&path).unwrap().is_some());
+        assert_eq!(running_daemon(&paths), None);
+        assert!(matches!(acquire(&paths), Acquired::Held(_)));
+    }
+
+    #[test]
+    fn a_locked_file_without_a_pid_names_no_process() {
+        let dir = private_dir();
+        let path = dir.path().join(FILE_NAME);
+        // A daemon between taking the lock and writing its pid; or a file with junk in it.
+        for content in ["", "0\n", "1\n", "-1\n", "junk\n"] {
+            std::fs::write(&path, content).unwrap();
+            let file = File::open(&path).unwrap();
+            assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+            let found = running_daemon(std::slice::from_ref(&path)).unwrap();
+            assert_eq!(found.pid, None, "{content:?}");
+        }
+        assert!(!is_daemon(0) && !is_daemon(1) && !is_daemon(-1));
+        assert!(!is_daemon(std::process::id() as i32), "a test is no daemon");
+    }
+
+    #[test]
+    fn a_planted_symlink_is_never_followed() {
+        let dir = private_dir();
+        let target = dir.path().join("precious");
+        std::fs::write(&target, "precious\n").unwrap();
+        let path = dir.path().join(FILE_NAME);
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(matches!(
+            acquire(std::slice::from_ref(&path)),
+            Acquired::Failed(_)
+        ));
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+    }
+
+    #[test]
+    fn a_directory_others_can_write_to_is_refused_and_the_next_place_used() {
+        let shared = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            shared.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let private = private_dir();
+        let paths = [
+            shared.path().join(FILE_NAME),
+            private.path().join(FILE_NAME),
+        ];
+        let Acquired::Held(held) = acquire(&paths) else {
+            panic!("not acquired")
+        };
+        assert_eq!(held.path(), paths[1]);
+        assert!(!paths[0].exists());
+        // Found wherever it is.
+        assert_eq!(running_daemon(&paths).unwrap().path, paths[1]);
+    }
+
+    #[test]
+    fn the_places_are_the_state_dir_alone_or_a_fixed_order() {
+        let given = candidates(Some(Path::new("/srv/state")));
+        assert_eq!(given, [PathBuf::from("/srv/state/bpg-tunnel.pid")]);
+        let order = candidates(None);
+        let last = order.last().unwrap();
+        assert!(last.starts_with(std::env::temp_dir()), "{last:?}");
+        assert!(last
+            .parent()
+            .unwrap()
+            .to_string_lossy()
+            .contains("borealis-pg-"));
     }
 }

@@ -6,11 +6,12 @@
 //! child is reaped with `waitpid(-1)` on SIGCHLD, which also collects the orphans.
 
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::LifecycleSettings;
 use crate::config;
@@ -39,9 +40,18 @@ pub async fn run(
     let running = engine::start(engine).await;
     if let Some(running) = &running {
         // Whatever is not up yet is logged; the command starts either way, its connections wait.
-        let _ = running.ready(lifecycle.ready_timeout).await;
+        // A stop signal meanwhile means the command is not wanted any more: it is not started.
+        tokio::select! {
+            _ = running.ready(lifecycle.ready_timeout) => {}
+            (number, name) = child.next_stop_signal() => {
+                info!(event = "signal", signal = name, "stopping before the command started");
+                child.code = Some(128u8.saturating_add(number as u8));
+            }
+        }
     }
-    child.spawn(&command, scrub_env);
+    if child.code.is_none() {
+        child.spawn(&command, scrub_env);
+    }
     match running {
         Some(running) => {
             running.serve(&mut child).await;
@@ -96,7 +106,7 @@ impl Child {
                 self.pid = Some(pid);
             }
             Err(spawn_error) => {
-                error!(event = "command-failed", command = %command_line(command), error = %spawn_error);
+                error!(event = "command-failed", program = %program_name(command), error = %spawn_error);
                 self.code = Some(if spawn_error.kind() == std::io::ErrorKind::NotFound {
                     127
                 } else {
@@ -106,27 +116,29 @@ impl Child {
         }
     }
 
+    /// The next SIGTERM, SIGINT, SIGHUP or SIGQUIT, before there is a command to pass it to.
+    async fn next_stop_signal(&mut self) -> (i32, &'static str) {
+        loop {
+            let index = next_signal(&mut self.signals).await;
+            let (_, number, name) = self.signals[index];
+            if matches!(
+                number,
+                libc::SIGTERM | libc::SIGINT | libc::SIGHUP | libc::SIGQUIT
+            ) {
+                return (number, name);
+            }
+            debug!(event = "signal-ignored", signal = name);
+        }
+    }
+
     /// Passes signals on until the command exits (at once if it never started).
     async fn exited(&mut self) {
         let Some(pid) = self.pid else { return };
         let status = 'wait: loop {
             // A signal's arrival, by index into `signals`, or a child event.
-            let event = {
-                let waits = self
-                    .signals
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(index, (stream, _, _))| {
-                        Box::pin(async move {
-                            stream.recv().await;
-                            index
-                        })
-                    });
-                let any_signal = futures_select_all(waits);
-                tokio::select! {
-                    index = any_signal => Some(index),
-                    _ = self.children.recv() => None,
-                }
+            let event = tokio::select! {
+                index = next_signal(&mut self.signals) => Some(index),
+                _ = self.children.recv() => None,
             };
             match event {
                 Some(index) => {
@@ -155,6 +167,20 @@ impl Trigger for Child {
         self.exited().await;
         Stop::Gracefully { grace: self.grace }
     }
+}
+
+/// The index into `signals` of the next one to arrive.
+async fn next_signal(signals: &mut [(Signal, i32, &'static str)]) -> usize {
+    let waits = signals
+        .iter_mut()
+        .enumerate()
+        .map(|(index, (stream, _, _))| {
+            Box::pin(async move {
+                stream.recv().await;
+                index
+            })
+        });
+    futures_select_all(waits).await
 }
 
 /// Waits on whichever future finishes first (a small `select_all`, to avoid a dependency).
@@ -216,6 +242,15 @@ fn build_command(command: &[OsString], scrub_env: bool) -> Command {
     if scrub_env {
         scrub(&mut built, std::env::vars_os().map(|(name, _)| name));
     }
+    if let Some(limit) = super::CORE_LIMIT.get().copied() {
+        // SAFETY: setrlimit is async-signal-safe; it changes only the child's own limit.
+        unsafe {
+            built.pre_exec(move || {
+                libc::setrlimit(libc::RLIMIT_CORE, &limit);
+                Ok(())
+            });
+        }
+    }
     built
 }
 
@@ -233,12 +268,19 @@ fn scrub(command: &mut Command, names: impl Iterator<Item = OsString>) {
     }
 }
 
-fn command_line(command: &[OsString]) -> String {
-    command
-        .iter()
-        .map(|part| part.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
+/// The program's name only, for a log line: the arguments may hold secrets (`--password=…`),
+/// as may the rest of a string run through the shell.
+fn program_name(command: &[OsString]) -> String {
+    let first = command
+        .first()
+        .map(|program| program.to_string_lossy())
+        .unwrap_or_default();
+    let word = first.split_whitespace().next().unwrap_or_default();
+    let mut name: String = word.chars().take(64).collect();
+    if word.chars().nth(64).is_some() {
+        name.push('…');
+    }
+    name
 }
 
 #[cfg(test)]
@@ -260,6 +302,19 @@ mod tests {
     }
 
     #[test]
+    fn only_the_program_is_named_in_a_log_line() {
+        assert_eq!(
+            program_name(&["app".into(), "--password=hunter2".into()]),
+            "app"
+        );
+        assert_eq!(
+            program_name(&["app --password hunter2 && more".into()]),
+            "app"
+        );
+        assert_eq!(program_name(&["x".repeat(100).into()]).chars().count(), 65);
+    }
+
+    #[test]
     fn scrubbing_removes_every_conn_info_variable_and_nothing_else() {
         let mut command = Command::new("app");
         let names = [
@@ -276,5 +331,16 @@ mod tests {
             .map(|(name, _)| name.to_string_lossy().into_owned())
             .collect();
         assert_eq!(removed, &names[..3]);
+
+        // Matched on the name as it is: one that is not UTF-8 is removed under its own bytes.
+        use std::os::unix::ffi::OsStringExt;
+        let odd = OsString::from_vec(b"DB\xff_TUNNEL_BPG_CONN_INFO".to_vec());
+        let mut command = Command::new("app");
+        scrub(&mut command, std::iter::once(odd.clone()));
+        let removed: Vec<_> = command
+            .get_envs()
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        assert_eq!(removed, [odd]);
     }
 }
