@@ -57,6 +57,8 @@ pub enum SessionError {
         user: String,
         algorithm: String,
     },
+    #[error("{server} offers only SHA-1 RSA signatures (ssh-rsa) for {what}; refusing them, as OpenSSH does since 8.8: the server needs rsa-sha2-256 or rsa-sha2-512, or another key type")]
+    Sha1Only { server: String, what: &'static str },
     #[error("SSH session with {server} failed: {source}")]
     Protocol {
         server: String,
@@ -69,7 +71,9 @@ impl SessionError {
     pub fn is_rejection(&self) -> bool {
         matches!(
             self,
-            SessionError::HostKeyMismatch { .. } | SessionError::AuthRejected { .. }
+            SessionError::HostKeyMismatch { .. }
+                | SessionError::AuthRejected { .. }
+                | SessionError::Sha1Only { .. }
         )
     }
 }
@@ -302,7 +306,7 @@ async fn handshake(
         inactivity_timeout: None,
         nodelay: true,
         window_size: CHANNEL_WINDOW,
-        preferred: preferred_algorithms(),
+        preferred: preferred_algorithms(&server.host_key),
         ..Default::default()
     });
     let mut handle = match client::connect_stream(config, stream, client).await {
@@ -315,17 +319,37 @@ async fn handshake(
                     expected: server.host_key.describe(),
                 });
             }
+            if let russh::Error::NoCommonAlgo {
+                kind: russh::AlgorithmKind::Key,
+                theirs,
+                ..
+            } = &error
+            {
+                if theirs.iter().all(|algorithm| algorithm == "ssh-rsa") {
+                    return Err(SessionError::Sha1Only {
+                        server: name.to_owned(),
+                        what: "its host key",
+                    });
+                }
+            }
             return Err(protocol(error));
         }
     };
 
     let key = server.private_key.0.clone();
     let hash = if key.algorithm().is_rsa() {
-        handle
-            .best_supported_rsa_hash()
-            .await
-            .map_err(protocol)?
-            .flatten()
+        match handle.best_supported_rsa_hash().await.map_err(protocol)? {
+            Some(Some(hash)) => Some(hash),
+            // The server named the signatures it takes, and SHA-1 is the only RSA one.
+            Some(None) => {
+                return Err(SessionError::Sha1Only {
+                    server: name.to_owned(),
+                    what: "client authentication",
+                })
+            }
+            // It did not say: the default of OpenSSH's client.
+            None => Some(russh::keys::HashAlg::Sha512),
+        }
     } else {
         None
     };
@@ -344,13 +368,17 @@ async fn handshake(
     Ok(handle)
 }
 
-/// russh's algorithms, with one change: where the CPU has AES-NI and carry-less multiply,
+/// russh's algorithms, with three changes. The pinned host key's algorithm goes first, as
+/// OpenSSH does for a host in known_hosts: a server with several host keys then shows the one we
+/// can check. SHA-1 RSA signatures (`ssh-rsa`) are not offered, as in OpenSSH since 8.8. And where
+/// the CPU has AES-NI and carry-less multiply,
 /// AES-256-GCM goes first. ring runs it in hardware there, while its ChaCha20-Poly1305 is
 /// software; decrypting a bulk `COPY` took about three times the CPU with ChaCha20. The set
 /// offered stays the same, so nothing weaker can be negotiated; without AES-NI, ChaCha20 (russh's
 /// first choice, and OpenSSH's) stays first because software AES is slower and not constant-time.
-fn preferred_algorithms() -> russh::Preferred {
+fn preferred_algorithms(pinned: &HostKey) -> russh::Preferred {
     use russh::cipher;
+    use russh::keys::Algorithm;
     const AES_GCM_FIRST: &[cipher::Name] = &[
         cipher::AES_256_GCM,
         cipher::CHACHA20_POLY1305,
@@ -359,11 +387,28 @@ fn preferred_algorithms() -> russh::Preferred {
         cipher::AES_128_CTR,
     ];
     let defaults = russh::Preferred::default();
-    if !has_aes_hardware() {
-        return defaults;
-    }
+    let pinned = pinned.algorithm();
+    let pinned_is_rsa = pinned.clone().is_rsa();
+    let is_pinned = |algorithm: &Algorithm| match algorithm {
+        Algorithm::Rsa { .. } => pinned_is_rsa,
+        other => other == &pinned,
+    };
+    let mut key: Vec<Algorithm> = defaults
+        .key
+        .iter()
+        .filter(|algorithm| **algorithm != Algorithm::Rsa { hash: None })
+        .cloned()
+        .collect();
+    // Stable: the pinned type's algorithms first, each group in russh's order.
+    key.sort_by_key(|algorithm| !is_pinned(algorithm));
+    let cipher = if has_aes_hardware() {
+        std::borrow::Cow::Borrowed(AES_GCM_FIRST)
+    } else {
+        defaults.cipher.clone()
+    };
     russh::Preferred {
-        cipher: std::borrow::Cow::Borrowed(AES_GCM_FIRST),
+        key: std::borrow::Cow::Owned(key),
+        cipher,
         ..defaults
     }
 }
@@ -499,11 +544,52 @@ impl AsyncWrite for CountingStream {
 mod tests {
     use super::*;
 
+    fn ed25519() -> HostKey {
+        crate::config::keys::parse_host_key(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDfR3+XSNlrSzI4i0Of4DNFSjb/gzoUkkOE3jhf0yZ49",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_pinned_key_type_goes_first_and_sha1_rsa_is_never_offered() {
+        use russh::keys::{Algorithm, EcdsaCurve, HashAlg};
+        let rsa = crate::config::keys::parse_host_key(RSA_HOST_KEY).unwrap();
+        let keys = preferred_algorithms(&rsa).key.into_owned();
+        assert_eq!(
+            keys[..2],
+            [
+                Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha512)
+                },
+                Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha256)
+                }
+            ]
+        );
+        assert!(!keys.contains(&Algorithm::Rsa { hash: None }));
+        let ecdsa = crate::config::keys::parse_host_key(ECDSA_HOST_KEY).unwrap();
+        let keys = preferred_algorithms(&ecdsa).key.into_owned();
+        assert_eq!(
+            keys[0],
+            Algorithm::Ecdsa {
+                curve: EcdsaCurve::NistP256
+            }
+        );
+        assert_eq!(preferred_algorithms(&ed25519()).key[0], Algorithm::Ed25519);
+        // The same set, but SHA-1, whatever is pinned.
+        assert_eq!(keys.len(), russh::Preferred::default().key.len() - 1);
+    }
+
+    // Throwaway public keys, generated for this test.
+    const ECDSA_HOST_KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBOyRdN5UgeN5+GFwqM36FUjkuaxmI+S9fSuvVqallR1xTClBM4HaYSWssgWJ76NrIzPH62a7awt265JujsLC+18=";
+    const RSA_HOST_KEY: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDWA/pmJpKy+erjYuZYL3d62y5Dx62UGnvXldxmWTh9IMD2vMMHlMfrpFiQOxbMVg1KHA687tiy5LHEC+AqcirLKQx3W0nGAD3nwqM1entgCnb3Snb+GFSlIbTY6Sz+K4eOKXUB5Bg8H2VBSL8pqDjCxh8N0h/mqeQ04nqN4MMhGw==";
+
     /// Reordering must never change what can be negotiated: if a russh upgrade changes its
     /// default list, this fails and the list above needs a look.
     #[test]
     fn preferred_ciphers_are_russhs_own_set_in_another_order() {
-        let ours = preferred_algorithms().cipher.into_owned();
+        let ours = preferred_algorithms(&ed25519()).cipher.into_owned();
         let mut theirs = russh::Preferred::default().cipher.into_owned();
         let mut sorted = ours.clone();
         sorted.sort_by_key(|c| c.as_ref().to_owned());

@@ -112,6 +112,7 @@ impl Supervisor {
                     rejections += 1;
                     let event = match error {
                         SessionError::HostKeyMismatch { .. } => "host-key-mismatch",
+                        SessionError::Sha1Only { .. } => "weak-algorithm",
                         _ => "auth-failed",
                     };
                     error!(event, addon, server, var = %self.addon.conn_info_var, error = %error);

@@ -30,6 +30,10 @@ impl HostKey {
             .is_ok_and(|presented| presented == self.blob)
     }
 
+    pub fn algorithm(&self) -> russh::keys::Algorithm {
+        self.key.algorithm()
+    }
+
     /// `ssh-ed25519 SHA256:...`, the form OpenSSH prints, for log lines.
     pub fn describe(&self) -> String {
         describe_key(&self.key)

@@ -90,6 +90,10 @@ pub struct Sshd {
     tools: Tools,
     pg_port: u16,
     child: Option<Child>,
+    /// Host keys beyond the ed25519 one, by file name.
+    more_host_keys: Vec<String>,
+    /// Lines appended to the configuration.
+    extra_config: String,
 }
 
 fn ssh_login_user() -> String {
@@ -160,6 +164,8 @@ impl Sshd {
             tools: tools.clone(),
             pg_port,
             child: None,
+            more_host_keys: Vec::new(),
+            extra_config: String::new(),
         };
         sshd.write_config();
         sshd.restart();
@@ -197,7 +203,33 @@ LogLevel VERBOSE
             port = self.port,
             user = self.user,
         );
+        let more: String = self
+            .more_host_keys
+            .iter()
+            .map(|name| format!("HostKey {dir}/{name}\n"))
+            .collect();
+        let config = format!("{config}{more}{}", self.extra_config);
         std::fs::write(self.dir.path().join("sshd_config"), config).unwrap();
+    }
+
+    /// Gives the server another host key, which it then offers too, and restarts it.
+    pub fn add_host_key(&mut self, kind: KeyKind) -> KeyPair {
+        let name = format!("host_{kind:?}");
+        let pair = keygen(&self.tools, self.dir.path(), &name, kind.keygen_args());
+        self.more_host_keys.push(name);
+        self.write_config();
+        self.stop();
+        self.restart();
+        pair
+    }
+
+    /// Appends `lines` to the server's configuration and restarts it.
+    pub fn configure(&mut self, lines: &str) {
+        self.extra_config.push_str(lines);
+        self.extra_config.push('\n');
+        self.write_config();
+        self.stop();
+        self.restart();
     }
 
     pub fn authorize(&self, public_key: &str) {
