@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --locked --features test-api-ca -- -D warnings
 scripts/dist.sh
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 release_bin="$PWD/target/x86_64-unknown-linux-musl/release/bpg-tunnel"
@@ -21,10 +22,14 @@ scripts/patch-russh.sh --check
 # The crate's own lock file, and a target directory of its own: its dev-dependencies are not ours.
 cargo test --locked --manifest-path build/russh-from-scripts-patch-russh.sh/Cargo.toml --target-dir target/russh --lib --tests 2>&1 | tee "$log"
 echo "-----> unit, property and end-to-end tests (debug build)"
-cargo test --locked --lib --bins --test tunnel --test flow_control --test lifecycle --test private_app 2>&1 | tee -a "$log"
+# The `test-api-ca` feature lets the private-app tests' fake API be trusted; release builds lack it.
+cargo test --locked --features test-api-ca --lib --bins --test tunnel --test flow_control --test lifecycle --test private_app 2>&1 | tee -a "$log"
 echo "-----> end-to-end and install tests (static release binary: $release_bin)"
 BPG_TUNNEL_BIN="$release_bin" BPG_TUNNEL_DIST="$release_tarball" \
-  cargo test --locked --test tunnel --test flow_control --test lifecycle --test private_app --test buildpack 2>&1 | tee -a "$log"
+  cargo test --locked --test tunnel --test flow_control --test lifecycle --test buildpack 2>&1 | tee -a "$log"
+# Of the private-app tests, the one about the release build itself: it must not trust the tests' CA.
+BPG_TUNNEL_BIN="$release_bin" \
+  cargo test --locked --test private_app -- --exact the_tests_api_ca_is_trusted_by_test_builds_only 2>&1 | tee -a "$log"
 echo "-----> benchmark smoke run: one short round against ssh -L, so the benchmark cannot rot"
 BPG_TUNNEL_BIN="$release_bin" cargo bench --locked --profile dev --bench tunnel -- --smoke
 # One closing line for the whole run, whatever order cargo printed its targets in.

@@ -145,7 +145,8 @@ pub struct Options {
     private_tunnel_request_timeout: OsString,
 
     /// Tests only: a PEM file of one more CA to trust for the add-on's API, on top of the
-    /// built-in web roots. Never needed in production.
+    /// built-in web roots. Honoured only by builds with the `test-api-ca` feature.
+    #[cfg(feature = "test-api-ca")]
     #[arg(long, env = "BPG_TUNNEL_TEST_API_CA_FILE", hide = true)]
     test_api_ca_file: Option<OsString>,
 
@@ -234,7 +235,7 @@ impl Options {
                         &self.private_tunnel_request_timeout,
                         parse_positive_duration,
                     ),
-                    test_api_ca_file: path(&self.test_api_ca_file),
+                    test_api_ca_file: self.test_api_ca_file(&mut read),
                 },
             },
             lifecycle: LifecycleSettings {
@@ -247,6 +248,27 @@ impl Options {
             log: read.value("log", &self.log, parse_log_filter),
         };
         (settings, read.invalid)
+    }
+}
+
+impl Options {
+    #[cfg(feature = "test-api-ca")]
+    fn test_api_ca_file(&self, _: &mut Reader) -> Option<PathBuf> {
+        path(&self.test_api_ca_file)
+    }
+
+    /// A release build says so when the tests' variable is set, and goes on without it.
+    #[cfg(not(feature = "test-api-ca"))]
+    fn test_api_ca_file(&self, read: &mut Reader) -> Option<PathBuf> {
+        if std::env::var_os("BPG_TUNNEL_TEST_API_CA_FILE").is_some() {
+            read.invalid.push(InvalidSetting {
+                name: "BPG_TUNNEL_TEST_API_CA_FILE".to_owned(),
+                problem: "is honoured by test builds only; expected it unset in production"
+                    .to_owned(),
+                default: "unset".to_owned(),
+            });
+        }
+        None
     }
 }
 

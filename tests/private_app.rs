@@ -26,6 +26,10 @@ fn boot_id() -> String {
 /// The config vars of a private-app add-on under `prefix`, plus a private state dir and fast
 /// timings for the test.
 fn private_app(api: &FakeApi, prefix: &str, state: &Path) -> BTreeMap<String, String> {
+    assert!(
+        cfg!(feature = "test-api-ca") || support::is_release_binary(),
+        "the fake API is trusted only with --features test-api-ca (scripts/test.sh sets it)"
+    );
     let conn_info = ConnInfo::render([
         ("API_BASE_URL", api.base_url().as_str()),
         (
@@ -361,5 +365,29 @@ fn an_ssh_addon_and_a_private_app_addon_at_once_each_work() {
         "{:#?}",
         tunnel.lines()
     );
+    assert_no_token(&tunnel.lines());
+}
+
+/// Release builds leave the tests' CA variable out: the token never goes to a server only a
+/// variable vouches for. Test builds (this file's other tests) trust it.
+#[test]
+fn the_tests_api_ca_is_trusted_by_test_builds_only() {
+    let api = FakeApi::start();
+    let state = tempfile::tempdir().unwrap();
+    let vars = private_app(&api, "DATABASE", state.path());
+    let tunnel = Tunnel::spawn(vars.iter(), &[]);
+    if !support::is_release_binary() {
+        tunnel.wait_for(&["event=private-tunnel-registered"], T);
+        assert_eq!(tunnel.count("BPG_TUNNEL_TEST_API_CA_FILE"), 0);
+        return;
+    }
+    let warning = tunnel.wait_for(&["event=setting-invalid", "BPG_TUNNEL_TEST_API_CA_FILE"], T);
+    assert!(warning.contains("test builds only"), "{warning}");
+    let failed = tunnel.wait_for(&["event=private-tunnel-register-failed"], T);
+    assert!(
+        failed.contains("certificate") || failed.contains("Certificate"),
+        "{failed}"
+    );
+    assert!(api.requests().is_empty(), "the token reached the fake API");
     assert_no_token(&tunnel.lines());
 }
