@@ -1,5 +1,5 @@
 # Shortcuts for the scripts under scripts/ (each installs what it needs).
-.PHONY: test bench bench-smoke demo dist
+.PHONY: test bench bench-smoke demo dist fuzz
 
 test:
 	scripts/test.sh
@@ -15,3 +15,9 @@ demo:
 
 dist:
 	scripts/dist.sh
+
+# The property tests on everything that parses outside input, at 100,000 cases each (every test
+# run does a quick slice of them).
+fuzz:
+	scripts/patch-russh.sh
+	BPG_TUNNEL_FUZZ_CASES=100000 cargo test --locked --features test-api-ca --lib

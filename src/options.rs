@@ -111,7 +111,8 @@ pub struct Options {
     )]
     grace: OsString,
 
-    /// Where the daemon keeps its pid file; default `$XDG_RUNTIME_DIR`, else `$HOME/.borealis-pg`.
+    /// Where the daemon keeps its pid file; by default the first usable of `$XDG_RUNTIME_DIR`,
+    /// `$HOME/.borealis-pg` and `borealis-pg-<uid>` under the temporary directory.
     #[arg(long, env = "BPG_TUNNEL_STATE_DIR", value_name = "DIR")]
     state_dir: Option<OsString>,
 
@@ -557,6 +558,29 @@ mod tests {
         assert_eq!(invalid, []);
         assert_eq!(settings.lifecycle.ready_timeout, Duration::from_secs(10));
         assert_eq!(settings.lifecycle.state_dir, None);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("BPG_TUNNEL_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn setting_values_never_panic_and_are_quoted_only_in_part(raw in ".{0,300}") {
+            for problem in [
+                parse_duration(&raw).err(),
+                parse_positive_duration(&raw).err(),
+                parse_extend_interval(&raw).err(),
+                parse_keepalive_count(&raw).err(),
+                parse_log_filter(&raw).err(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                // Debug-quoting may write a character as up to ten (`\u{10ffff}`).
+                proptest::prop_assert!(problem.chars().count() <= 10 * SHOWN_CHARS + 200, "{}", problem);
+            }
+        }
     }
 
     #[test]

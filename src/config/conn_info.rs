@@ -85,9 +85,23 @@ impl ConnInfo {
 }
 
 /// `\n` (backslash, n) stands for a newline; CRLF line ends are tolerated; trailing newlines are
-/// dropped.
+/// dropped. One pass into a buffer of the final size: the value may be a private key, and a
+/// buffer that grew, or an intermediate string, would leave a copy behind in freed memory.
 fn unescape(value: &str) -> String {
-    let mut out = value.replace("\\n", "\n").replace("\r\n", "\n");
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        let c = if c == '\\' && chars.peek() == Some(&'n') {
+            chars.next();
+            '\n'
+        } else {
+            c
+        };
+        if c == '\n' && out.ends_with('\r') {
+            out.pop();
+        }
+        out.push(c);
+    }
     out.truncate(out.trim_end_matches(['\n', '\r']).len());
     out
 }
@@ -96,6 +110,22 @@ fn unescape(value: &str) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// What unescaping meant before it was done in one pass.
+    fn unescape_by_replacing(value: &str) -> String {
+        let mut out = value.replace("\\n", "\n").replace("\r\n", "\n");
+        out.truncate(out.trim_end_matches(['\n', '\r']).len());
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn unescaping_in_one_pass_means_what_replacing_did(
+            value in "[a-z\\\\n\r\n]{0,24}"
+        ) {
+            prop_assert_eq!(unescape(&value), unescape_by_replacing(&value));
+        }
+    }
 
     #[test]
     fn splits_items_and_keys() {

@@ -41,7 +41,8 @@ pub enum UrlProblem {
 }
 
 pub fn parse(value: &str) -> Result<DbUrl, UrlProblem> {
-    let url = url::Url::parse(value.trim()).map_err(|error| match error {
+    // The parser keeps a copy of what it parses: give it the URL without its user and password.
+    let url = url::Url::parse(&without_userinfo(value.trim())).map_err(|error| match error {
         url::ParseError::InvalidPort => UrlProblem::BadPort,
         url::ParseError::EmptyHost => UrlProblem::NoHost,
         _ => UrlProblem::NotAUrl,
@@ -72,6 +73,19 @@ pub fn parse(value: &str) -> Result<DbUrl, UrlProblem> {
         port,
         port_defaulted,
     })
+}
+
+/// `value` without the `user:password@` of its authority (and unchanged when it has none).
+fn without_userinfo(value: &str) -> String {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return value.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    format!("{scheme}://{host}{path}")
 }
 
 fn classify_ip(ip: IpAddr) -> UrlHost {
@@ -196,6 +210,17 @@ mod tests {
             !problem.to_ascii_lowercase().contains("s3cretpw"),
             "{problem}"
         );
+    }
+
+    #[test]
+    fn the_parser_never_sees_the_password() {
+        assert_eq!(
+            without_userinfo("postgres://u:p%40ss@h:5432/db?x=1"),
+            "postgres://h:5432/db?x=1"
+        );
+        assert_eq!(without_userinfo("postgres://u:a@b@h/db"), "postgres://h/db");
+        assert_eq!(without_userinfo("postgres://h:1"), "postgres://h:1");
+        assert_eq!(without_userinfo("no scheme"), "no scheme");
     }
 
     proptest! {

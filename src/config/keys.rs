@@ -91,15 +91,10 @@ pub fn parse_host_key(raw: &str) -> Result<HostKey, String> {
         .map_err(|_| format!("could not be decoded; {expected}"))?;
     if let Some(declared) = declared_type {
         if declared != key.algorithm().as_str() {
-            // Quoted only when it looks like a key type: the value may be something else pasted.
-            let looks_like_a_type = declared.len() <= 40
-                && declared
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '@' | '.'));
-            let declared = if looks_like_a_type {
-                format!("{declared:?}")
-            } else {
-                "another type".to_owned()
+            // Quoted only when it is a key type's name: the value may be something else pasted.
+            let declared = match declared.parse::<russh::keys::Algorithm>() {
+                Ok(_) => format!("{declared:?}"),
+                Err(_) => "another type".to_owned(),
             };
             return Err(format!(
                 "says {declared} but the key is {}; {expected}",

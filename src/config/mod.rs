@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use keys::{ClientKey, HostKey};
 use parser::{AddonParser, Parsed};
+use zeroize::Zeroizing;
 
 /// The suffix of the variable that holds an attachment's conn-info, and its legacy form; what
 /// comes before it is the attachment's prefix (`DATABASE`, `BOREALIS_PG_RED`, ...).
@@ -157,12 +158,22 @@ impl Discovery {
 /// Reads the environment the way the add-on sets it; non-UTF-8 values cannot be add-on config,
 /// so they are decoded lossily rather than rejected.
 pub fn discover_env() -> Discovery {
-    discover(std::env::vars_os().map(|(k, v)| {
-        (
-            k.to_string_lossy().into_owned(),
-            v.to_string_lossy().into_owned(),
-        )
-    }))
+    discover(
+        std::env::vars_os()
+            .map(|(name, value)| (name.to_string_lossy().into_owned(), secret_text(value))),
+    )
+}
+
+/// `value` as text, in the same buffer when it is UTF-8 (no copy is left behind); otherwise a
+/// lossy copy, the original wiped. Values may be secrets: every copy must be accounted for.
+pub fn secret_text(value: std::ffi::OsString) -> Zeroizing<String> {
+    match value.into_string() {
+        Ok(text) => Zeroizing::new(text),
+        Err(value) => {
+            let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(value));
+            Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned())
+        }
+    }
 }
 
 /// Scans `vars` (normally `std::env::vars_os()`, lossily decoded) for add-on attachments.
@@ -170,9 +181,9 @@ pub fn discover<I, K, V>(vars: I) -> Discovery
 where
     I: IntoIterator<Item = (K, V)>,
     K: Into<String>,
-    V: Into<String>,
+    V: Into<Zeroizing<String>>,
 {
-    let env: BTreeMap<String, String> = vars
+    let env: BTreeMap<String, Zeroizing<String>> = vars
         .into_iter()
         .map(|(k, v)| (k.into(), v.into()))
         .collect();

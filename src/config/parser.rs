@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use zeroize::Zeroizing;
+
 use super::conn_info::ConnInfo;
 use super::db_url::{self, UrlHost};
 use super::keys::{parse_host_key, parse_private_key, ClientKey, HostKey};
@@ -20,7 +22,7 @@ pub(super) enum Parsed {
 }
 
 pub(super) struct AddonParser<'a> {
-    pub(super) env: &'a BTreeMap<String, String>,
+    pub(super) env: &'a BTreeMap<String, Zeroizing<String>>,
     pub(super) prefix: &'a str,
     pub(super) var: &'a str,
     pub(super) problems: &'a mut Vec<Problem>,

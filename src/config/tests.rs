@@ -562,3 +562,225 @@ proptest! {
         let _ = discover([("X_TUNNEL_BPG_CONN_INFO".to_string(), info), ("X_URL".to_string(), url(5432))]);
     }
 }
+
+/// Discovery over conn-info mutated from a real one (deleted, inserted, repeated, re-cased
+/// pieces, stray separators). `BPG_TUNNEL_FUZZ_CASES` sets how many cases run (`make fuzz`
+/// runs 100,000; the default is a quick slice for every test run).
+mod fuzz {
+    use super::*;
+    use proptest::sample::Index;
+
+    const PASSWORD: &str = "Zq8xT4vLp2Rw";
+
+    fn cases() -> u32 {
+        std::env::var("BPG_TUNNEL_FUZZ_CASES")
+            .ok()
+            .and_then(|cases| cases.parse().ok())
+            .unwrap_or(256)
+    }
+
+    /// Every 8 characters in a row of every secret, lower-cased.
+    fn fragments() -> Vec<String> {
+        let mut secrets: Vec<&str> = CLIENT_KEY
+            .lines()
+            .filter(|line| !line.starts_with("-----"))
+            .collect();
+        secrets.extend([PASSWORD, JWT]);
+        let mut fragments = Vec::new();
+        for secret in secrets {
+            let chars: Vec<char> = secret.to_ascii_lowercase().chars().collect();
+            for window in chars.windows(8) {
+                let fragment: String = window.iter().collect();
+                // Runs of one letter (the key's zero padding in base64) say nothing.
+                if fragment.chars().any(|c| c != window[0]) {
+                    fragments.push(fragment);
+                }
+            }
+        }
+        fragments
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        /// Two neighbouring items run into one: a lost `|`.
+        Merge(Index),
+        /// An item without its `KEY:=`.
+        StripKey(Index),
+        Swap(Index, Index),
+        Delete(Index, usize),
+        Insert(Index, String),
+        Repeat(Index, usize),
+        Upper(Index, usize),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            any::<Index>().prop_map(Mutation::Merge),
+            any::<Index>().prop_map(Mutation::StripKey),
+            (any::<Index>(), any::<Index>()).prop_map(|(a, b)| Mutation::Swap(a, b)),
+            (any::<Index>(), 1..200usize).prop_map(|(at, n)| Mutation::Delete(at, n)),
+            (
+                any::<Index>(),
+                "(\\||:=|\\\\n| |\\r|=|@|:|/|[a-z0-9]{1,8}|.{1,4})"
+            )
+                .prop_map(|(at, text)| Mutation::Insert(at, text)),
+            (any::<Index>(), 1..80usize).prop_map(|(at, n)| Mutation::Repeat(at, n)),
+            (any::<Index>(), 1..40usize).prop_map(|(at, n)| Mutation::Upper(at, n)),
+        ]
+    }
+
+    fn apply(text: &str, mutations: &[Mutation]) -> String {
+        let mut items: Vec<String> = text.split('|').map(str::to_owned).collect();
+        for mutation in mutations {
+            let n = items.len();
+            match mutation {
+                Mutation::Merge(at) if n > 1 => {
+                    let at = at.index(n - 1);
+                    let next = items.remove(at + 1);
+                    items[at].push_str(&next);
+                }
+                Mutation::StripKey(at) => {
+                    let item = &mut items[at.index(n)];
+                    if let Some((_, value)) = item.split_once(":=") {
+                        *item = value.to_owned();
+                    }
+                }
+                Mutation::Swap(a, b) => items.swap(a.index(n), b.index(n)),
+                _ => {}
+            }
+        }
+        let mut chars: Vec<char> = items.join("|").chars().collect();
+        for mutation in mutations {
+            let len = chars.len().max(1);
+            match mutation {
+                Mutation::Merge(_) | Mutation::StripKey(_) | Mutation::Swap(..) => {}
+                Mutation::Delete(at, n) => {
+                    let start = at.index(len).min(chars.len());
+                    let end = (start + n).min(chars.len());
+                    chars.drain(start..end);
+                }
+                Mutation::Insert(at, inserted) => {
+                    let at = at.index(len + 1).min(chars.len());
+                    chars.splice(at..at, inserted.chars());
+                }
+                Mutation::Repeat(at, n) => {
+                    let start = at.index(len).min(chars.len());
+                    let end = (start + n).min(chars.len());
+                    let piece: Vec<char> = chars[start..end].to_vec();
+                    chars.splice(end..end, piece);
+                }
+                Mutation::Upper(at, n) => {
+                    let start = at.index(len).min(chars.len());
+                    for c in chars.iter_mut().skip(start).take(*n) {
+                        *c = c.to_ascii_uppercase();
+                    }
+                }
+            }
+        }
+        chars.into_iter().collect()
+    }
+
+    fn ssh_conn_info() -> String {
+        conn_info(&[
+            ("POSTGRES_WRITER_PASSWORD", PASSWORD),
+            ("SSH_PORT", "22"),
+            ("POSTGRES_PORT", "5432"),
+        ])
+    }
+
+    fn private_conn_info() -> String {
+        ConnInfo::render([
+            ("API_BASE_URL", "https://api.example.com"),
+            ("ADDON_ID", "addon-1"),
+            ("CLIENT_APP_JWT", JWT),
+        ])
+    }
+
+    fn problems_text(d: &Discovery) -> String {
+        d.problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .to_ascii_lowercase()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        #[test]
+        fn a_mutated_config_never_panics_and_no_message_quotes_a_secret(
+            private in any::<bool>(),
+            info_mutations in proptest::collection::vec(mutation(), 1..6),
+            url_mutations in proptest::collection::vec(mutation(), 0..3),
+        ) {
+            let (info, url) = if private {
+                (private_conn_info(), format!("postgres://u:{PASSWORD}@db.example.com:5432/db"))
+            } else {
+                (ssh_conn_info(), format!("postgres://u:{PASSWORD}@pg-tunnel.borealis-data.com:5432/db"))
+            };
+            let d = discover([
+                ("DATABASE_TUNNEL_BPG_CONN_INFO".to_owned(), apply(&info, &info_mutations)),
+                ("DATABASE_URL".to_owned(), apply(&url, &url_mutations)),
+                ("DATABASE_READONLY_URL".to_owned(), apply(&url, &info_mutations)),
+            ]);
+            let text = problems_text(&d);
+            for fragment in fragments() {
+                prop_assert!(!text.contains(&fragment), "{:?} in {}", fragment, text);
+            }
+        }
+
+        #[test]
+        fn a_broken_addon_never_changes_what_a_good_one_gets(
+            prefix in "[A-Z][A-Z_]{0,7}",
+            private in any::<bool>(),
+            mutations in proptest::collection::vec(mutation(), 1..6),
+            port in prop_oneof![Just(5432u16), 5433..5440u16],
+        ) {
+            prop_assume!(prefix != "DATABASE");
+            let good = vec![
+                ("DATABASE_TUNNEL_BPG_CONN_INFO".to_owned(), ssh_conn_info()),
+                ("DATABASE_URL".to_owned(), url(5432)),
+            ];
+            let alone = discover(good.clone());
+            let broken_info = if private { private_conn_info() } else { ssh_conn_info() };
+            let mut both = good;
+            both.push((format!("{prefix}_TUNNEL_BPG_CONN_INFO"), apply(&broken_info, &mutations)));
+            both.push((format!("{prefix}_URL"), url(port)));
+            let with_broken = discover(both);
+            let database = |d: &Discovery| {
+                format!("{:?}", d.addons.iter().find(|a| a.name == "DATABASE"))
+            };
+            prop_assert_eq!(database(&alone), database(&with_broken));
+            prop_assert!(alone.addons.len() == 1);
+        }
+
+        #[test]
+        fn a_mutated_key_never_panics_and_its_error_quotes_none_of_it(
+            mutations in proptest::collection::vec(mutation(), 1..6),
+        ) {
+            let mutated = apply(CLIENT_KEY, &mutations);
+            if let Err(message) = parse_private_key(&mutated) {
+                let message = message.to_ascii_lowercase();
+                for fragment in fragments() {
+                    prop_assert!(!message.contains(&fragment), "{}", message);
+                }
+            }
+            let _ = parse_host_key(&apply(HOST_KEY, &mutations));
+        }
+
+        #[test]
+        fn names_and_values_that_are_not_utf8_never_panic(
+            name in proptest::collection::vec(any::<u8>(), 0..24),
+            value in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            use std::os::unix::ffi::OsStringExt;
+            let name = std::ffi::OsString::from_vec([name, b"_TUNNEL_BPG_CONN_INFO".to_vec()].concat());
+            let value = std::ffi::OsString::from_vec(value);
+            let _ = discover([(
+                name.to_string_lossy().into_owned(),
+                secret_text(value),
+            )]);
+        }
+    }
+}

@@ -240,7 +240,12 @@ fn build_command(command: &[OsString], scrub_env: bool) -> Command {
         [] => unreachable!("clap requires a command"),
     };
     if scrub_env {
-        scrub(&mut built, std::env::vars_os().map(|(name, _)| name));
+        // The values come along and may be secrets: wiped, not just dropped.
+        let names = std::env::vars_os().map(|(name, value)| {
+            drop(crate::config::secret_text(value));
+            name
+        });
+        scrub(&mut built, names);
     }
     if let Some(limit) = super::CORE_LIMIT.get().copied() {
         // SAFETY: setrlimit is async-signal-safe; it changes only the child's own limit.

@@ -64,3 +64,65 @@ pub fn rss_bytes(pid: i32) -> u64 {
         .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
+
+/// Where in `pid`'s memory `needle` occurs: the name of each writable mapping holding it
+/// (`[heap]`, `[stack]`, or `anon` for the allocator's own), once per occurrence. Only pages
+/// present in memory are read (the allocator reserves far more than it touches). Needs root
+/// (bpg-tunnel is not dumpable, so only CAP_SYS_PTRACE may read its memory).
+pub fn memory_hits(pid: i32, needle: &[u8]) -> Vec<String> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = 4096;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).unwrap();
+    let mut hits = Vec::new();
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (range, perms) = (fields[0], fields[1]);
+        // Only memory the process wrote: file-backed read-only pages hold no copies of ours.
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let name = fields.get(5).copied().unwrap_or("anon").to_owned();
+        let (start, end) = range.split_once('-').unwrap();
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        let pages = ((end - start) / PAGE) as usize;
+        let mut entries = vec![0u8; pages * 8];
+        if pagemap
+            .read_exact_at(&mut entries, start / PAGE * 8)
+            .is_err()
+        {
+            continue;
+        }
+        let present = |page: usize| {
+            let entry = u64::from_le_bytes(entries[page * 8..page * 8 + 8].try_into().unwrap());
+            entry & (1 << 63) != 0
+        };
+        // Each run of present pages, read and searched as one piece.
+        let mut page = 0;
+        while page < pages {
+            if !present(page) {
+                page += 1;
+                continue;
+            }
+            let first = page;
+            while page < pages && present(page) {
+                page += 1;
+            }
+            let mut run = vec![0u8; (page - first) * PAGE as usize];
+            if mem
+                .read_exact_at(&mut run, start + first as u64 * PAGE)
+                .is_err()
+            {
+                continue;
+            }
+            let count = run
+                .windows(needle.len())
+                .filter(|window| *window == needle)
+                .count();
+            hits.extend(std::iter::repeat_n(name.clone(), count));
+        }
+    }
+    hits
+}
