@@ -517,6 +517,86 @@ fn an_ipv6_host_is_taken_with_or_without_brackets() {
 }
 
 #[test]
+fn malformed_environments_are_each_named() {
+    // (the variables, the variable and key named, the words of the message)
+    let big = "x".repeat(100 * 1024);
+    let cases: Vec<(Vec<(&str, String)>, &str, &str)> = vec![
+        (
+            vec![
+                ("DATABASE_TUNNEL_BPG_CONN_INFO", String::new()),
+                ("DATABASE_URL", url(5432)),
+            ],
+            "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_HOST",
+            "is missing",
+        ),
+        (
+            vec![
+                (
+                    "DATABASE_TUNNEL_BPG_CONN_INFO",
+                    conn_info(&[("SSH_PORT", "0")]),
+                ),
+                ("DATABASE_URL", url(5432)),
+            ],
+            "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_PORT",
+            "is not a port number",
+        ),
+        (
+            vec![
+                (
+                    "DATABASE_TUNNEL_BPG_CONN_INFO",
+                    conn_info(&[("SSH_USER_PRIVATE_KEY", &big)]),
+                ),
+                ("DATABASE_URL", url(5432)),
+            ],
+            "DATABASE_TUNNEL_BPG_CONN_INFO: SSH_USER_PRIVATE_KEY",
+            "could not be read",
+        ),
+        (
+            vec![
+                ("DATABASE_TUNNEL_BPG_CONN_INFO", big.clone()),
+                ("DATABASE_URL", url(5432)),
+            ],
+            "DATABASE_TUNNEL_BPG_CONN_INFO",
+            "ignored: expected KEY:=VALUE",
+        ),
+        (
+            vec![
+                ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+                (
+                    "DATABASE_URL",
+                    "postgres://u:p@pg-tunnel.borealis-data.com:0/db".into(),
+                ),
+            ],
+            "DATABASE_URL",
+            "expected a port number from 1 to 65535",
+        ),
+        (
+            vec![
+                ("DATABASE_TUNNEL_BPG_CONN_INFO", conn_info(&[])),
+                ("DATABASE_URL", big.clone()),
+            ],
+            "DATABASE_URL",
+            "expected a URL of the form postgres://",
+        ),
+    ];
+    for (vars, named, words) in cases {
+        let d = env(&vars);
+        let text = d
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with(named) && line.contains(words)),
+            "{named} / {words}: {text}"
+        );
+        assert!(text.len() < 2000, "{named}: {} characters", text.len());
+    }
+}
+
+#[test]
 fn secrets_never_appear_in_problems_or_debug_output() {
     let broken_key = CLIENT_KEY.replace("b3Blbn", "XXXX");
     let d = env(&[
