@@ -67,10 +67,18 @@ fn main() -> ExitCode {
         .unwrap_or_else(|error| error.exit());
     let (settings, invalid) = cli.options.settings(&matches);
     logfmt::init(&settings.log);
-    // The process that serves says what it replaced; `start` leaves that to the daemon it
-    // starts (which reads the same values), `stop` has nothing to say.
-    if !matches!(cli.command, Some(Command::Start { .. } | Command::Stop)) {
-        options::report(&invalid);
+    // The process that serves says what it replaced. `start` says it only of its flags (it does
+    // not pass bad ones on); the daemon it starts reads the same variables and speaks for them.
+    match cli.command {
+        Some(Command::Start { .. }) => {
+            let flags: Vec<_> = invalid
+                .into_iter()
+                .filter(|setting| setting.name.starts_with("--"))
+                .collect();
+            options::report(&flags);
+        }
+        Some(Command::Stop) => {}
+        _ => options::report(&invalid),
     }
     let (engine, lifecycle) = (&settings.engine, &settings.lifecycle);
     match cli.command {

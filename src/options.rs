@@ -146,8 +146,8 @@ pub struct Options {
     private_tunnel_request_timeout: OsString,
 
     /// Tests only: a PEM file of one more CA to trust for the add-on's API, on top of the
-    /// built-in web roots. Honoured only by builds with the `test-api-ca` feature.
-    #[cfg(feature = "test-api-ca")]
+    /// built-in web roots. Honoured only by builds with the `test-api-ca` feature; declared in
+    /// every build, so that a release build warns about it rather than refusing to start.
     #[arg(long, env = "BPG_TUNNEL_TEST_API_CA_FILE", hide = true)]
     test_api_ca_file: Option<OsString>,
 
@@ -181,8 +181,9 @@ impl Options {
             matches,
             args: Options::augment_args(clap::Command::new("options")),
             invalid: Vec::new(),
+            bad_flags: Vec::new(),
         };
-        let settings = Settings {
+        let mut settings = Settings {
             engine: EngineSettings {
                 supervisor: SupervisorSettings {
                     session: SessionSettings {
@@ -244,10 +245,11 @@ impl Options {
                 drain_timeout: read.value("drain_timeout", &self.drain_timeout, parse_duration),
                 grace: read.value("grace", &self.grace, parse_duration),
                 state_dir: path(&self.state_dir),
-                flags_env: flags_as_env(matches),
+                flags_env: Vec::new(),
             },
             log: read.value("log", &self.log, parse_log_filter),
         };
+        settings.lifecycle.flags_env = flags_as_env(matches, &read.bad_flags);
         (settings, read.invalid)
     }
 }
@@ -284,19 +286,40 @@ struct Reader<'a> {
     matches: &'a ArgMatches,
     args: clap::Command,
     invalid: Vec<InvalidSetting>,
+    /// The options whose flag was replaced by its default: not passed on to the daemon.
+    bad_flags: Vec<String>,
 }
 
 impl Reader<'_> {
-    /// `raw` parsed, or (remembering why) the option's default.
-    fn value<T>(&mut self, id: &str, raw: &OsStr, parse: fn(&str) -> Result<T, String>) -> T {
-        let arg = self
-            .args
+    fn arg(&self, id: &str) -> &clap::Arg {
+        self.args
             .get_arguments()
             .find(|arg| arg.get_id() == id)
-            .expect("every option is declared");
-        let default = arg.get_default_values()[0]
+            .expect("every option is declared")
+    }
+
+    /// The flag when the value came from one, otherwise the variable.
+    fn name_of(&self, id: &str) -> String {
+        let arg = self.arg(id);
+        match self.matches.value_source(id) {
+            Some(ValueSource::CommandLine) => {
+                format!("--{}", arg.get_long().expect("every option is a long flag"))
+            }
+            _ => arg
+                .get_env()
+                .expect("every option is a variable")
+                .to_string_lossy()
+                .into_owned(),
+        }
+    }
+
+    /// `raw` parsed, or (remembering why) the option's default.
+    fn value<T>(&mut self, id: &str, raw: &OsStr, parse: fn(&str) -> Result<T, String>) -> T {
+        let default = self.arg(id).get_default_values()[0]
             .to_str()
-            .expect("defaults are text");
+            .expect("defaults are text")
+            .to_owned();
+        let default = default.as_str();
         let parsed = match raw.to_str() {
             // An empty value is no value: a config var set to nothing means the default.
             Some(text) if text.trim().is_empty() => return parse(default).expect("defaults parse"),
@@ -304,16 +327,10 @@ impl Reader<'_> {
             None => Err("is not valid UTF-8".to_owned()),
         };
         parsed.unwrap_or_else(|problem| {
-            let name = match self.matches.value_source(id) {
-                Some(ValueSource::CommandLine) => {
-                    format!("--{}", arg.get_long().expect("every option is a long flag"))
-                }
-                _ => arg
-                    .get_env()
-                    .expect("every option is a variable")
-                    .to_string_lossy()
-                    .into_owned(),
-            };
+            let name = self.name_of(id);
+            if name.starts_with("--") {
+                self.bad_flags.push(id.to_owned());
+            }
             self.invalid.push(InvalidSetting {
                 name,
                 problem,
@@ -349,13 +366,17 @@ pub fn report(invalid: &[InvalidSetting]) {
 /// The options given as flags, as the `BPG_TUNNEL_*` variables they stand for: a re-executed
 /// daemon gets them this way (it inherits those set as variables). The table is clap's own
 /// (each option's `env`), so no option can be forgotten here.
-pub fn flags_as_env(matches: &ArgMatches) -> Vec<(String, OsString)> {
+/// Flags in `bad` (replaced by their default here, and said so) are left out: the daemon takes
+/// their variable or default instead.
+fn flags_as_env(matches: &ArgMatches, bad: &[String]) -> Vec<(String, OsString)> {
     Options::augment_args(clap::Command::new("options"))
         .get_arguments()
         .filter_map(|arg| {
             let var = arg.get_env()?;
             let id = arg.get_id().as_str();
-            if matches.value_source(id) != Some(ValueSource::CommandLine) {
+            if matches.value_source(id) != Some(ValueSource::CommandLine)
+                || bad.iter().any(|b| b == id)
+            {
                 return None;
             }
             let value = matches.get_raw(id)?.next()?;
@@ -550,6 +571,15 @@ mod tests {
             "\"10 seconds\" has the unknown unit \"seconds\"; expected ms, s, m or h"
         );
         assert_eq!(invalid[1].problem, "\"1\" is not a count from 2 to 99");
+        // A bad flag is not passed on to the daemon (it would warn of it as a variable); a good
+        // one is.
+        let relayed: Vec<_> = settings
+            .lifecycle
+            .flags_env
+            .iter()
+            .map(|(var, _)| var.as_str())
+            .collect();
+        assert_eq!(relayed, ["BPG_TUNNEL_GRACE"]);
     }
 
     #[test]
@@ -637,7 +667,7 @@ mod tests {
                 "5",
             ])
             .unwrap();
-        let mut env = flags_as_env(&matches);
+        let mut env = flags_as_env(&matches, &[]);
         env.sort();
         assert_eq!(
             env,
@@ -651,7 +681,7 @@ mod tests {
             .try_get_matches_from(["bpg-tunnel", "--owner-grace", "1s"])
             .unwrap();
         assert_eq!(
-            flags_as_env(&matches),
+            flags_as_env(&matches, &[]),
             [("BPG_TUNNEL_GRACE".to_owned(), OsString::from("1s"))]
         );
     }

@@ -325,7 +325,7 @@ async fn handshake(
                 ..
             } = &error
             {
-                if theirs.iter().all(|algorithm| algorithm == "ssh-rsa") {
+                if !theirs.is_empty() && theirs.iter().all(|algorithm| algorithm == "ssh-rsa") {
                     return Err(SessionError::Sha1Only {
                         server: name.to_owned(),
                         what: "its host key",

@@ -364,19 +364,13 @@ fn a_sigterm_while_start_waits_for_the_server_starts_the_drain_at_once() {
     let state = tempfile::tempdir().unwrap();
     let vars = server_down_vars(&lab, &state);
     // The app ignores SIGTERM and stays: only the drain deadline ends the daemon.
-    let _dyno = Tunnel::bash(
+    let dyno = Tunnel::bash(
         vars.iter(),
         r#"trap '' TERM; bpg-tunnel start --owner-pid $$; sleep 60"#,
     );
-    let started = Instant::now();
-    let daemon = loop {
-        if let Some(pid) = daemon_pid(state.path()) {
-            break pid;
-        }
-        assert!(started.elapsed() < T, "no daemon");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::thread::sleep(Duration::from_millis(500));
+    // Serving (its signal handlers set), and waiting for a server that does not answer.
+    dyno.wait_for(&["event=ssh-connect-failed"], T);
+    let daemon = daemon_pid(state.path()).expect("the daemon's pid file");
     unsafe { libc::kill(daemon, libc::SIGTERM) };
     let gone = wait_gone(daemon, T).expect("the daemon leaves");
     // Drain 2 s from the signal, not from the end of the 10 s ready wait.

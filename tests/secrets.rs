@@ -21,22 +21,28 @@ fn parsed_secrets_leave_no_copy_in_memory_but_the_environment_block() {
         return;
     }
     let db = lab.attachment("DATABASE");
-    let tunnel = Tunnel::spawn(db.vars.iter(), &[]);
-    tunnel.wait_for(&["event=ssh-connected"], T);
     let key_line = lab.client_key.private.lines().nth(2).unwrap();
     let password = support::percent_encode(support::DB_PASSWORD);
-    for (what, needle) in [
-        ("a key line", key_line),
-        ("the password", password.as_str()),
-    ] {
-        let hits = support::memory_hits(tunnel.pid(), needle.as_bytes());
-        // The environment block, on the stack, holds the one copy the process was given (the
-        // password twice: the writer's and the reader's URL); finding it shows the scan works.
-        assert!(
-            !hits.is_empty(),
-            "{what}: not even the environment block was found"
-        );
-        assert!(hits.iter().all(|hit| hit == "[stack]"), "{what}: {hits:?}");
+    // Serving in the foreground; and `run --scrub-env`, once its command has started.
+    let foreground = Tunnel::spawn(db.vars.iter(), &[]);
+    foreground.wait_for(&["event=ssh-connected"], T);
+    let run = Tunnel::spawn(db.vars.iter(), &["run", "--scrub-env", "--", "sleep", "30"]);
+    run.wait_for(&["event=command-started"], T);
+    for tunnel in [&foreground, &run] {
+        for (what, needle) in [
+            ("a key line", key_line),
+            ("the password", password.as_str()),
+        ] {
+            let hits = support::memory_hits(tunnel.pid(), needle.as_bytes());
+            // The environment block, on the stack, holds the one copy the process was given
+            // (the password twice: the writer's and the reader's URL); finding it shows the
+            // scan works.
+            assert!(
+                !hits.is_empty(),
+                "{what}: not even the environment block was found"
+            );
+            assert!(hits.iter().all(|hit| hit == "[stack]"), "{what}: {hits:?}");
+        }
     }
 }
 

@@ -38,11 +38,13 @@ pub enum UrlProblem {
     NoHost,
     #[error("expected a port number from 1 to 65535 after the host")]
     BadPort,
+    #[error("has an '@', '?' or '#' in its user or password; expected them percent-encoded (%40, %3F, %23), so that every client reads the same host and port")]
+    Ambiguous,
 }
 
 pub fn parse(value: &str) -> Result<DbUrl, UrlProblem> {
     // The parser keeps a copy of what it parses: give it the URL without its user and password.
-    let url = url::Url::parse(&without_userinfo(value.trim())).map_err(|error| match error {
+    let url = url::Url::parse(&without_userinfo(value.trim())?).map_err(|error| match error {
         url::ParseError::InvalidPort => UrlProblem::BadPort,
         url::ParseError::EmptyHost => UrlProblem::NoHost,
         _ => UrlProblem::NotAUrl,
@@ -76,16 +78,28 @@ pub fn parse(value: &str) -> Result<DbUrl, UrlProblem> {
 }
 
 /// `value` without the `user:password@` of its authority (and unchanged when it has none).
-fn without_userinfo(value: &str) -> String {
+/// A URL that clients could read two ways is refused: libpq ends the user information at the
+/// first `@` and does not end the authority at `?` or `#`, where the URL standard does both, and
+/// the tunnel must listen on the very port the app's client will connect to.
+fn without_userinfo(value: &str) -> Result<String, UrlProblem> {
     let Some((scheme, rest)) = value.split_once("://") else {
-        return value.to_owned();
+        return Ok(value.to_owned());
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
+    // An '@' after a '?' or '#' but before any '/': libpq would take it for the end of the
+    // user information.
+    let at_after_query = path
+        .split('/')
+        .next()
+        .is_some_and(|head| head.contains('@'));
+    if authority.matches('@').count() > 1 || at_after_query {
+        return Err(UrlProblem::Ambiguous);
+    }
     let host = authority
         .rsplit_once('@')
         .map_or(authority, |(_, host)| host);
-    format!("{scheme}://{host}{path}")
+    Ok(format!("{scheme}://{host}{path}"))
 }
 
 fn classify_ip(ip: IpAddr) -> UrlHost {
@@ -216,11 +230,23 @@ mod tests {
     fn the_parser_never_sees_the_password() {
         assert_eq!(
             without_userinfo("postgres://u:p%40ss@h:5432/db?x=1"),
-            "postgres://h:5432/db?x=1"
+            Ok("postgres://h:5432/db?x=1".to_owned())
         );
-        assert_eq!(without_userinfo("postgres://u:a@b@h/db"), "postgres://h/db");
-        assert_eq!(without_userinfo("postgres://h:1"), "postgres://h:1");
-        assert_eq!(without_userinfo("no scheme"), "no scheme");
+        assert_eq!(
+            without_userinfo("postgres://h:1"),
+            Ok("postgres://h:1".to_owned())
+        );
+        assert_eq!(without_userinfo("no scheme"), Ok("no scheme".to_owned()));
+        // Read one way by the URL standard, another by libpq: refused.
+        assert_eq!(
+            parse("postgres://u:a@b@127.0.0.1:6000/db"),
+            Err(UrlProblem::Ambiguous)
+        );
+        assert_eq!(
+            parse("postgres://127.0.0.1:7000?@127.0.0.1:6000/db"),
+            Err(UrlProblem::Ambiguous)
+        );
+        assert!(parse("postgres://u:p@h:1/db?options=a@b").is_ok());
     }
 
     proptest! {

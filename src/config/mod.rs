@@ -171,7 +171,15 @@ pub fn secret_text(value: std::ffi::OsString) -> Zeroizing<String> {
         Ok(text) => Zeroizing::new(text),
         Err(value) => {
             let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(value));
-            Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned())
+            // Sized for the worst case (every byte a 3-byte U+FFFD), so it never regrows.
+            let mut text = Zeroizing::new(String::with_capacity(3 * bytes.len()));
+            for chunk in bytes.utf8_chunks() {
+                text.push_str(chunk.valid());
+                if !chunk.invalid().is_empty() {
+                    text.push(char::REPLACEMENT_CHARACTER);
+                }
+            }
+            text
         }
     }
 }

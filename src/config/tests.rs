@@ -518,9 +518,10 @@ fn an_ipv6_host_is_taken_with_or_without_brackets() {
 
 #[test]
 fn malformed_environments_are_each_named() {
-    // (the variables, the variable and key named, the words of the message)
+    // The variables, the variable and key named, the words of the message.
+    type Case<'a> = (Vec<(&'a str, String)>, &'a str, &'a str);
     let big = "x".repeat(100 * 1024);
-    let cases: Vec<(Vec<(&str, String)>, &str, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             vec![
                 ("DATABASE_TUNNEL_BPG_CONN_INFO", String::new()),

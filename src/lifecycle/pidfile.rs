@@ -55,13 +55,19 @@ pub fn running_daemon(paths: &[PathBuf]) -> Option<Found> {
 }
 
 /// `Some` when a live process holds `path`'s lock, with the pid it wrote if that is a plausible
-/// daemon's.
+/// daemon's. Only a file of this user's in a usable place counts: another user's locked file in
+/// a shared directory must not make `start` believe a daemon runs.
 fn holder(path: &Path) -> Option<Option<i32>> {
+    check_private(path.parent()?).ok()?;
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .ok()?;
+    // SAFETY: geteuid has no preconditions.
+    if file.metadata().ok()?.uid() != unsafe { libc::geteuid() } {
+        return None;
+    }
     // SAFETY: flock on a descriptor we own.
     let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
     if free {
@@ -98,6 +104,7 @@ pub enum Acquired {
 
 /// Takes the first usable place of `paths`, unless a live daemon holds one of them.
 pub fn acquire(paths: &[PathBuf]) -> Acquired {
+    // A daemon may hold a later place, when an earlier one was not usable at its start.
     if running_daemon(paths).is_some() {
         return Acquired::AlreadyRunning;
     }
@@ -136,14 +143,20 @@ impl PidFile {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
+        // A `start` or `stop` looking for a daemon holds a shared lock for an instant: only a
+        // lock still held after a while is another daemon's.
+        let mut tries = 0;
         // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let error = std::io::Error::last_os_error();
-            return if error.kind() == std::io::ErrorKind::WouldBlock {
-                Ok(None)
-            } else {
-                Err(error)
-            };
+            if error.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(error);
+            }
+            tries += 1;
+            if tries == 10 {
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         file.set_len(0)?;
         (&file).write_all(format!("{}\n", std::process::id()).as_bytes())?;
@@ -234,6 +247,21 @@ mod tests {
         }
         assert!(!is_daemon(0) && !is_daemon(1) && !is_daemon(-1));
         assert!(!is_daemon(std::process::id() as i32), "a test is no daemon");
+    }
+
+    #[test]
+    fn a_locked_file_in_a_directory_others_can_write_to_is_no_daemon() {
+        let shared = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            shared.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let path = shared.path().join(FILE_NAME);
+        std::fs::write(&path, "4000000\n").unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+        assert_eq!(running_daemon(std::slice::from_ref(&path)), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::LifecycleSettings;
 use crate::config;
@@ -117,18 +117,17 @@ impl Child {
     }
 
     /// The next SIGTERM, SIGINT, SIGHUP or SIGQUIT, before there is a command to pass it to.
+    /// Only those are waited for: any other (SIGUSR1, SIGUSR2) stays queued for the command.
     async fn next_stop_signal(&mut self) -> (i32, &'static str) {
-        loop {
-            let index = next_signal(&mut self.signals).await;
-            let (_, number, name) = self.signals[index];
-            if matches!(
+        let is_stop = |number: i32| {
+            matches!(
                 number,
                 libc::SIGTERM | libc::SIGINT | libc::SIGHUP | libc::SIGQUIT
-            ) {
-                return (number, name);
-            }
-            debug!(event = "signal-ignored", signal = name);
-        }
+            )
+        };
+        let index = next_signal(&mut self.signals, is_stop).await;
+        let (_, number, name) = self.signals[index];
+        (number, name)
     }
 
     /// Passes signals on until the command exits (at once if it never started).
@@ -137,7 +136,7 @@ impl Child {
         let status = 'wait: loop {
             // A signal's arrival, by index into `signals`, or a child event.
             let event = tokio::select! {
-                index = next_signal(&mut self.signals) => Some(index),
+                index = next_signal(&mut self.signals, |_| true) => Some(index),
                 _ = self.children.recv() => None,
             };
             match event {
@@ -169,11 +168,15 @@ impl Trigger for Child {
     }
 }
 
-/// The index into `signals` of the next one to arrive.
-async fn next_signal(signals: &mut [(Signal, i32, &'static str)]) -> usize {
+/// The index into `signals` of the next `wanted` one to arrive.
+async fn next_signal(
+    signals: &mut [(Signal, i32, &'static str)],
+    wanted: impl Fn(i32) -> bool,
+) -> usize {
     let waits = signals
         .iter_mut()
         .enumerate()
+        .filter(|(_, (_, number, _))| wanted(*number))
         .map(|(index, (stream, _, _))| {
             Box::pin(async move {
                 stream.recv().await;
@@ -239,38 +242,65 @@ fn build_command(command: &[OsString], scrub_env: bool) -> Command {
         }
         [] => unreachable!("clap requires a command"),
     };
-    if scrub_env {
-        // The values come along and may be secrets: wiped, not just dropped.
-        let names = std::env::vars_os().map(|(name, value)| {
-            drop(crate::config::secret_text(value));
-            name
-        });
-        scrub(&mut built, names);
-    }
-    if let Some(limit) = super::CORE_LIMIT.get().copied() {
-        // SAFETY: setrlimit is async-signal-safe; it changes only the child's own limit.
-        unsafe {
-            built.pre_exec(move || {
+    let limit = super::CORE_LIMIT.get().copied();
+    // SAFETY: between fork and exec, only async-signal-safe work: setrlimit, and moving the
+    // pointers of the child's own `environ` (no allocation, no lock).
+    unsafe {
+        built.pre_exec(move || {
+            if let Some(limit) = limit {
                 libc::setrlimit(libc::RLIMIT_CORE, &limit);
-                Ok(())
-            });
-        }
+            }
+            if scrub_env {
+                scrub_environ();
+            }
+            Ok(())
+        });
     }
     built
 }
 
-/// Keeps every conn-info variable among `names` from `command`; the test is a bare suffix
-/// match, wider than discovery's, since removing one too many costs nothing.
-fn scrub(command: &mut Command, names: impl Iterator<Item = OsString>) {
-    for name in names {
-        let lossy = name.to_string_lossy();
-        if config::CONN_INFO_SUFFIXES
-            .iter()
-            .any(|suffix| lossy.ends_with(suffix))
-        {
-            command.env_remove(&name);
+unsafe extern "C" {
+    static mut environ: *mut *mut libc::c_char;
+}
+
+/// Removes the conn-info variables from this process's `environ`, in place. Run in the child,
+/// just before exec: the command's environment is this one, and no copy of any of it is made
+/// (through `Command::env_remove`, std would copy every variable, secrets included, into
+/// memory freed without being wiped, in a process that lives as long as the app).
+///
+/// # Safety
+/// Only between fork and exec, when nothing else can read `environ`.
+unsafe fn scrub_environ() {
+    // SAFETY: `environ` is a null-terminated array of C strings; entries are only moved within
+    // it, towards its start.
+    unsafe {
+        let start = environ;
+        if start.is_null() {
+            return;
         }
+        let mut read = start;
+        let mut write = start;
+        while !(*read).is_null() {
+            let entry = std::ffi::CStr::from_ptr(*read).to_bytes();
+            if !is_conn_info_entry(entry) {
+                *write = *read;
+                write = write.add(1);
+            }
+            read = read.add(1);
+        }
+        *write = std::ptr::null_mut();
     }
+}
+
+/// Whether a `NAME=value` entry is a conn-info variable, on the name's bytes as they are.
+fn is_conn_info_entry(entry: &[u8]) -> bool {
+    let name = entry
+        .iter()
+        .position(|b| *b == b'=')
+        .map_or(entry, |end| &entry[..end]);
+    config::CONN_INFO_SUFFIXES
+        .iter()
+        .any(|suffix| name.ends_with(suffix.as_bytes()))
 }
 
 /// The program's name only, for a log line: the arguments may hold secrets (`--password=…`),
@@ -280,7 +310,9 @@ fn program_name(command: &[OsString]) -> String {
         .first()
         .map(|program| program.to_string_lossy())
         .unwrap_or_default();
+    // Not even a leading `NAME=value` of a shell string: the value may be a secret.
     let word = first.split_whitespace().next().unwrap_or_default();
+    let word = word.split('=').next().unwrap_or_default();
     let mut name: String = word.chars().take(64).collect();
     if word.chars().nth(64).is_some() {
         name.push('…');
@@ -317,35 +349,30 @@ mod tests {
             "app"
         );
         assert_eq!(program_name(&["x".repeat(100).into()]).chars().count(), 65);
+        assert_eq!(program_name(&["TOKEN=hunter2 app".into()]), "TOKEN");
     }
 
     #[test]
     fn scrubbing_removes_every_conn_info_variable_and_nothing_else() {
-        let mut command = Command::new("app");
-        let names = [
-            "DATABASE_TUNNEL_BPG_CONN_INFO",
-            "HEROKU_POSTGRESQL_RED_SSH_TUNNEL_BPG_CONNECTION_INFO",
-            "_TUNNEL_BPG_CONN_INFO",
-            "DATABASE_URL",
-            "DATABASE_TUNNEL_BPG_CONN_INFO_BACKUP",
-        ];
-        scrub(&mut command, names.iter().map(OsString::from));
-        let removed: Vec<_> = command
-            .get_envs()
-            .filter(|(_, value)| value.is_none())
-            .map(|(name, _)| name.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(removed, &names[..3]);
-
-        // Matched on the name as it is: one that is not UTF-8 is removed under its own bytes.
-        use std::os::unix::ffi::OsStringExt;
-        let odd = OsString::from_vec(b"DB\xff_TUNNEL_BPG_CONN_INFO".to_vec());
-        let mut command = Command::new("app");
-        scrub(&mut command, std::iter::once(odd.clone()));
-        let removed: Vec<_> = command
-            .get_envs()
-            .map(|(name, _)| name.to_owned())
-            .collect();
-        assert_eq!(removed, [odd]);
+        for (entry, scrubbed) in [
+            (&b"DATABASE_TUNNEL_BPG_CONN_INFO=SSH_HOST:=h"[..], true),
+            (
+                b"HEROKU_POSTGRESQL_RED_SSH_TUNNEL_BPG_CONNECTION_INFO=x",
+                true,
+            ),
+            (b"_TUNNEL_BPG_CONN_INFO=", true),
+            // Matched on the name as it is: one that is not UTF-8 is scrubbed too.
+            (b"DB\xff_TUNNEL_BPG_CONN_INFO=x", true),
+            (b"DATABASE_URL=postgres://u:p@h/db", false),
+            (b"DATABASE_TUNNEL_BPG_CONN_INFO_BACKUP=x", false),
+            (b"A=B_TUNNEL_BPG_CONN_INFO", false),
+        ] {
+            assert_eq!(
+                is_conn_info_entry(entry),
+                scrubbed,
+                "{}",
+                String::from_utf8_lossy(entry)
+            );
+        }
     }
 }
