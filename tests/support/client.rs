@@ -1,7 +1,9 @@
 //! Database clients through the tunnel.
 
 use std::process::{Child, Command};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::{Attachment, DB_PASSWORD};
 
@@ -63,4 +65,115 @@ pub async fn server_addr(port: u16) -> Result<String, tokio_postgres::Error> {
         .query_one("select host(inet_server_addr())", &[])
         .await?;
     Ok(row.get(0))
+}
+
+/// A pool of clients running `select 1` in a loop through a port, each reconnecting after an
+/// error: the load a fault is applied under. Runs on a runtime of its own, in a thread.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(port: u16, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (stop2, ok2, failed2) = (stop.clone(), ok.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let mut tasks = Vec::new();
+                for _ in 0..clients {
+                    let (stop, ok, failed) = (stop2.clone(), ok2.clone(), failed2.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let bound = Duration::from_secs(10);
+                        while !stop.load(Ordering::Relaxed) {
+                            let client = match tokio::time::timeout(bound, connect(port)).await {
+                                Ok(Ok(client)) => client,
+                                _ => {
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                    continue;
+                                }
+                            };
+                            while !stop.load(Ordering::Relaxed) {
+                                let query = client.query_one("select 1", &[]);
+                                match tokio::time::timeout(bound, query).await {
+                                    Ok(Ok(_)) => {
+                                        ok.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    _ => {
+                                        failed.fetch_add(1, Ordering::Relaxed);
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }));
+                }
+                for task in tasks {
+                    let _ = task.await;
+                }
+            });
+        });
+        Load {
+            stop,
+            ok,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` queries beyond now have succeeded; how long that took.
+    pub fn wait_progress(&self, more: u64, timeout: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let target = self.ok() + more;
+        while started.elapsed() < timeout {
+            if self.ok() >= target {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// The longest stretch without a successful query within `window`, sampled every 10 ms.
+    pub fn longest_stall(&self, window: Duration) -> Duration {
+        let started = Instant::now();
+        let (mut last_ok, mut last_change, mut longest) =
+            (self.ok(), Instant::now(), Duration::ZERO);
+        while started.elapsed() < window {
+            std::thread::sleep(Duration::from_millis(10));
+            let ok = self.ok();
+            if ok != last_ok {
+                last_ok = ok;
+                longest = longest.max(last_change.elapsed());
+                last_change = Instant::now();
+            }
+        }
+        longest.max(last_change.elapsed())
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }

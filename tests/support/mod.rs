@@ -10,6 +10,7 @@
 //!   output captured for assertions; the release binary and tarball under test.
 //! - [`client`]: database clients through the tunnel (`tokio-postgres`, `psql`).
 //! - [`process`]: looking at processes through /proc.
+//! - [`relay`]: a relay between bpg-tunnel and sshd that adds latency, blackholes or resets.
 //! - [`api`]: a fake of the add-on's HTTP API, for private-app-tunnel mode.
 //!
 //! Under `CI=true` a missing server binary fails the test; elsewhere the test is skipped with a
@@ -21,12 +22,13 @@ pub mod client;
 pub mod lab;
 pub mod postgres;
 pub mod process;
+pub mod relay;
 pub mod sshd;
 pub mod tunnel;
 
 // Each test target uses a different part of the harness.
 #[allow(unused_imports)]
-pub use {client::*, lab::*, postgres::*, process::*, sshd::*, tunnel::*};
+pub use {client::*, lab::*, postgres::*, process::*, relay::*, sshd::*, tunnel::*};
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;

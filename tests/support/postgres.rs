@@ -16,6 +16,7 @@ pub struct Postgres {
     pub port: u16,
     _dir: tempfile::TempDir,
     child: Child,
+    pg_bin: PathBuf,
 }
 
 /// initdb is the slow part (about a second); do it once per test binary and copy the result.
@@ -88,44 +89,69 @@ impl Postgres {
         copy.arg("-a").arg(template).arg(&data);
         run(&mut copy);
         let port = free_port();
-        let mut command = Command::new(tools.pg_bin.join("postgres"));
-        command
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1,127.0.0.2"])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.path().display()))
-            .args([
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=300",
-                "-c",
-                "shared_buffers=32MB",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("postgres.log")).unwrap(),
-            ));
-        as_postgres(&mut command);
-        die_with_parent(&mut command);
-        let child = command.spawn().expect("start postgres");
+        let child = launch(&tools.pg_bin, dir.path(), port);
         let pg = Postgres {
             port,
             _dir: dir,
             child,
+            pg_bin: tools.pg_bin.clone(),
         };
+        pg.wait_accepting();
+        pg
+    }
+
+    fn wait_accepting(&self) {
         assert!(
             wait_for_port(
-                SocketAddr::from(([127, 0, 0, 1], port)),
+                SocketAddr::from(([127, 0, 0, 1], self.port)),
                 Duration::from_secs(20)
             ),
             "postgres did not start: {}",
-            std::fs::read_to_string(pg._dir.path().join("postgres.log")).unwrap_or_default()
+            std::fs::read_to_string(self._dir.path().join("postgres.log")).unwrap_or_default()
         );
-        pg
     }
+
+    /// Stops the server as an operator's restart would (fast shutdown: sessions are ended).
+    pub fn stop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again, on the same port with the same data, and waits until it accepts.
+    pub fn start_again(&mut self) {
+        self.child = launch(&self.pg_bin, self._dir.path(), self.port);
+        self.wait_accepting();
+    }
+}
+
+fn launch(pg_bin: &Path, dir: &Path, port: u16) -> Child {
+    let mut command = Command::new(pg_bin.join("postgres"));
+    command
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args(["-p", &port.to_string()])
+        .args(["-c", "listen_addresses=127.0.0.1,127.0.0.2"])
+        .arg("-c")
+        .arg(format!("unix_socket_directories={}", dir.display()))
+        .args([
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=300",
+            "-c",
+            "shared_buffers=32MB",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("postgres.log"))
+                .unwrap(),
+        ));
+    as_postgres(&mut command);
+    die_with_parent(&mut command);
+    command.spawn().expect("start postgres")
 }
 
 impl Drop for Postgres {

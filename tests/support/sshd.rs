@@ -94,6 +94,8 @@ pub struct Sshd {
     more_host_keys: Vec<String>,
     /// Lines appended to the configuration.
     extra_config: String,
+    /// Forwarding targets allowed beyond the database's.
+    more_targets: Vec<String>,
 }
 
 fn ssh_login_user() -> String {
@@ -166,6 +168,7 @@ impl Sshd {
             child: None,
             more_host_keys: Vec::new(),
             extra_config: String::new(),
+            more_targets: Vec::new(),
         };
         sshd.write_config();
         sshd.restart();
@@ -189,7 +192,7 @@ KbdInteractiveAuthentication no
 PermitRootLogin no
 AllowUsers {user}
 AllowTcpForwarding local
-PermitOpen 127.0.0.1:{pg} 127.0.0.2:{pg}
+PermitOpen 127.0.0.1:{pg} 127.0.0.2:{pg}{more_targets}
 AllowAgentForwarding no
 AllowStreamLocalForwarding no
 X11Forwarding no
@@ -202,6 +205,11 @@ LogLevel VERBOSE
 ",
             port = self.port,
             user = self.user,
+            more_targets = self
+                .more_targets
+                .iter()
+                .map(|target| format!(" {target}"))
+                .collect::<String>(),
         );
         let more: String = self
             .more_host_keys
@@ -221,6 +229,14 @@ LogLevel VERBOSE
         self.stop();
         self.restart();
         pair
+    }
+
+    /// Allows forwarding to `target` (`host:port`) too, and restarts the server.
+    pub fn permit_open(&mut self, target: &str) {
+        self.more_targets.push(target.to_owned());
+        self.write_config();
+        self.stop();
+        self.restart();
     }
 
     /// Appends `lines` to the server's configuration and restarts it.

@@ -64,6 +64,8 @@ pub fn release_tarball() -> PathBuf {
 struct Output {
     lines: Mutex<Vec<String>>,
     changed: Condvar,
+    /// How many of the two pipes have reached their end.
+    ended: std::sync::atomic::AtomicUsize,
 }
 
 pub struct Tunnel {
@@ -131,6 +133,11 @@ impl Tunnel {
                     output.lines.lock().unwrap().push(line);
                     output.changed.notify_all();
                 }
+                let _held = output.lines.lock().unwrap();
+                output
+                    .ended
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                output.changed.notify_all();
             });
         }
         Tunnel { child, output }
@@ -185,15 +192,36 @@ impl Tunnel {
     }
 
     /// Waits for the process to exit on its own.
+    /// Waits for the process to exit, and then for what it wrote to be read: a test that
+    /// looks at the output right after must see all of it. (A daemon it left behind may hold the
+    /// pipes: that wait is bounded.)
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
+                self.wait_output_read(Duration::from_millis(500));
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    fn wait_output_read(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.output.lines.lock().unwrap();
+        while self.output.ended.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            lines = self
+                .output
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
+        }
     }
 }
 

@@ -1,0 +1,459 @@
+//! The fault matrix: each row a fault applied while a load of 16 clients runs through the
+//! tunnel, with what a user must see. The SSH session goes through a fault relay
+//! (`support::relay`) where the kernel cannot make the fault. Every row prints its figures
+//! (`cargo test --test faults -- --nocapture`); the README's "Faults survived" comes from them.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Load, Relay, Tunnel};
+
+const T: Duration = Duration::from_secs(30);
+/// Keepalive every 1 s, dead after 3 silent ones; reconnects at most 2 s apart.
+const FAST: [&str; 6] = [
+    "--keepalive-interval",
+    "1s",
+    "--keepalive-count",
+    "3",
+    "--reconnect-max-delay",
+    "2s",
+];
+const CLIENTS: usize = 16;
+
+/// The lab's attachment with its SSH session through a fault relay, and the tunnel serving it.
+fn through_relay(lab: &support::Lab) -> (support::Attachment, Relay, Tunnel) {
+    let relay = Relay::start(([127, 0, 0, 1], lab.sshd.port).into());
+    let mut db = lab.attachment("DATABASE");
+    db.set_conn_info("SSH_PORT", &relay.port.to_string());
+    let tunnel = Tunnel::spawn(db.vars.iter(), &FAST);
+    tunnel.wait_for(&["event=ssh-connected"], T);
+    (db, relay, tunnel)
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_killed_session_under_load_fails_only_what_was_open_and_new_queries_resume_within_1s() {
+    let Some(lab) = support::lab() else { return };
+    let (db, _relay, tunnel) = through_relay(&lab);
+    let load = Load::start(db.writer_port, CLIENTS);
+    load.wait_progress(200, T).expect("the load runs");
+    let failed_before = load.failed();
+    assert!(lab.sshd.signal_sessions(libc::SIGKILL) > 0);
+    let killed = Instant::now();
+    let resumed = load
+        .wait_progress(CLIENTS as u64, T)
+        .expect("the load resumes");
+    let failed = load.failed() - failed_before;
+    eprintln!("session killed: queries resumed after {resumed:?}; {failed} queries failed");
+    assert!(resumed < Duration::from_secs(1), "{resumed:?}");
+    // Only what was in flight: at most one query per client.
+    assert!(failed <= CLIENTS as u64, "{failed} failed");
+    tunnel.wait_for(&["event=ssh-disconnected"], T);
+    assert!(killed.elapsed() < T);
+}
+
+#[test]
+fn a_hung_server_under_load_is_replaced_within_the_keepalive_budget_and_the_load_resumes() {
+    let Some(lab) = support::lab() else { return };
+    let (db, _relay, tunnel) = through_relay(&lab);
+    let load = Load::start(db.writer_port, CLIENTS);
+    load.wait_progress(200, T).expect("the load runs");
+    assert!(lab.sshd.signal_sessions(libc::SIGSTOP) > 0);
+    let hung = Instant::now();
+    tunnel.wait_for(&["event=ssh-disconnected"], T);
+    let detected = hung.elapsed();
+    load.wait_progress(CLIENTS as u64, T)
+        .expect("the load resumes");
+    let resumed = hung.elapsed();
+    eprintln!("server hung: replaced after {detected:?}, load resumed after {resumed:?}");
+    // interval × count, and a second.
+    assert!(detected < Duration::from_secs(4), "{detected:?}");
+    assert!(resumed < Duration::from_secs(5), "{resumed:?}");
+}
+
+#[test]
+fn a_blackhole_is_detected_in_time_and_a_connection_opened_during_it_is_served_after() {
+    let Some(lab) = support::lab() else { return };
+    let (db, relay, tunnel) = through_relay(&lab);
+    let load = Load::start(db.writer_port, CLIENTS);
+    load.wait_progress(200, T).expect("the load runs");
+    relay.pause();
+    let dark = Instant::now();
+    tunnel.wait_for(&["event=ssh-disconnected"], T);
+    let detected = dark.elapsed();
+    // A connection the app opens while nothing gets through: it waits, and is served after.
+    let late = support::psql(&db, &["select 'served-after'"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(dark.elapsed()));
+    relay.resume();
+    let restored = Instant::now();
+    let output = late.wait_with_output().unwrap();
+    load.wait_progress(CLIENTS as u64, T)
+        .expect("the load resumes");
+    let resumed = restored.elapsed();
+    eprintln!(
+        "blackhole 6 s: detected after {detected:?}; served again {resumed:?} after it ended"
+    );
+    assert!(detected < Duration::from_secs(4), "{detected:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("served-after"));
+    assert!(resumed < Duration::from_secs(12), "{resumed:?}");
+}
+
+#[test]
+fn with_50ms_more_latency_each_way_everything_works() {
+    let Some(lab) = support::lab() else { return };
+    let relay = Relay::start(([127, 0, 0, 1], lab.sshd.port).into());
+    relay.set_delay(Duration::from_millis(50));
+    let mut db = lab.attachment("DATABASE");
+    db.set_conn_info("SSH_PORT", &relay.port.to_string());
+    let tunnel = Tunnel::spawn(db.vars.iter(), &FAST);
+    tunnel.wait_for(&["event=ssh-connected"], T);
+    let load = Load::start(db.writer_port, CLIENTS);
+    let started = Instant::now();
+    load.wait_progress(100, T).expect("the load runs");
+    std::thread::sleep(Duration::from_secs(2));
+    let rate = load.ok() as f64 / started.elapsed().as_secs_f64();
+    drop(load);
+    let copy_started = Instant::now();
+    let copy = support::psql(
+        &db,
+        &["copy (select repeat('x', 100) from generate_series(1, 50000)) to stdout"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let (bytes, _) = support::read_output(copy).join().unwrap();
+    let mb_s = bytes as f64 / 1e6 / copy_started.elapsed().as_secs_f64();
+    eprintln!("+50 ms each way: {rate:.0} queries/s with {CLIENTS} clients; COPY {mb_s:.1} MB/s");
+    assert!(bytes > 5_000_000);
+    assert_eq!(tunnel.count("event=ssh-disconnected"), 0);
+}
+
+#[test]
+fn sshd_down_for_6s_backoff_stays_within_its_cap_and_serving_resumes_within_it() {
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    let (db, _relay, tunnel) = through_relay(&lab);
+    let load = Load::start(db.writer_port, CLIENTS);
+    load.wait_progress(200, T).expect("the load runs");
+    lab.sshd.stop();
+    std::thread::sleep(Duration::from_secs(6));
+    lab.sshd.restart();
+    let back = Instant::now();
+    load.wait_progress(CLIENTS as u64, T)
+        .expect("the load resumes");
+    let resumed = back.elapsed();
+    let delays: Vec<u64> = tunnel
+        .lines()
+        .iter()
+        .filter(|line| line.contains("event=reconnect-scheduled"))
+        .map(|line| support::field(line, "delay_ms").parse().unwrap())
+        .collect();
+    eprintln!(
+        "sshd down 6 s: reconnect delays {delays:?} ms; served again {resumed:?} after it returned"
+    );
+    assert!(delays.iter().all(|delay| *delay <= 2000), "{delays:?}");
+    // The cap (2 s), the handshake, and a margin for a loaded machine.
+    assert!(resumed < Duration::from_secs(3), "{resumed:?}");
+}
+
+#[test]
+fn postgresql_restarted_behind_the_tunnel_does_not_cycle_the_session() {
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    let (db, _relay, tunnel) = through_relay(&lab);
+    let load = Load::start(db.writer_port, CLIENTS);
+    load.wait_progress(200, T).expect("the load runs");
+    lab.pg.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    lab.pg.start_again();
+    let back = Instant::now();
+    load.wait_progress(CLIENTS as u64, T)
+        .expect("the load resumes");
+    eprintln!(
+        "PostgreSQL restarted: queries again {:?} after it accepted",
+        back.elapsed()
+    );
+    assert_eq!(tunnel.count("event=ssh-connected"), 1);
+    assert_eq!(tunnel.count("event=ssh-disconnected"), 0);
+}
+
+#[test]
+fn clients_that_never_send_half_close_or_reset_leave_no_descriptor_behind() {
+    let Some(lab) = support::lab() else { return };
+    let (db, _relay, tunnel) = through_relay(&lab);
+    // One connection through, so that everything the first one sets up is in the baseline.
+    let status = support::psql(&db, &["select 1"]).output().unwrap().status;
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = open_fds(tunnel.pid());
+    let addr = ("127.0.0.1", db.writer_port);
+    for round in 0..3 {
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            // Connects and never sends.
+            held.push(std::net::TcpStream::connect(addr).unwrap());
+            // Half-closes at once.
+            let half = std::net::TcpStream::connect(addr).unwrap();
+            half.shutdown(std::net::Shutdown::Write).unwrap();
+            held.push(half);
+            // Resets.
+            let reset = std::net::TcpStream::connect(addr).unwrap();
+            socket2::SockRef::from(&reset)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(reset);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let during = open_fds(tunnel.pid());
+        drop(held);
+        let started = Instant::now();
+        while open_fds(tunnel.pid()) > baseline && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let after = open_fds(tunnel.pid());
+        eprintln!("round {round}: descriptors {baseline} before, {during} with 60 odd clients, {after} after");
+        assert!(
+            after <= baseline,
+            "{after} descriptors left, {baseline} before"
+        );
+    }
+    let status = support::psql(&db, &["select 1"]).output().unwrap().status;
+    assert!(status.success());
+}
+
+#[test]
+fn a_sigterm_during_a_blackhole_still_stops_within_the_grace_and_the_stop_bound() {
+    let Some(lab) = support::lab() else { return };
+    let (db, relay, mut tunnel) = through_relay(&lab);
+    let load = Load::start(db.writer_port, CLIENTS);
+    load.wait_progress(200, T).expect("the load runs");
+    relay.pause();
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    tunnel.signal(libc::SIGTERM);
+    tunnel.wait_exit(T).expect("it stops");
+    let took = signalled.elapsed();
+    eprintln!("SIGTERM in a blackhole: stopped after {took:?}");
+    // The grace (2 s) and the bound on saying goodbye to a server that does not answer (3 s).
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    relay.resume();
+}
+
+/// Resident memory and CPU time (user + system) of `pid`.
+fn rss_and_cpu(pid: i32) -> (u64, Duration) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
+    let ticks: u64 = fields
+        .get(11..13)
+        .map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    (
+        support::rss_bytes(pid),
+        Duration::from_millis(ticks * 1000 / per_second.max(1)),
+    )
+}
+
+#[test]
+fn a_thousand_connections_at_once_are_all_served_and_all_given_back() {
+    // This process holds both ends of every connection, and sshd (started by the lab) inherits
+    // its limit: room for 1,000 of each.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    limit.rlim_cur = limit.rlim_max.min(20_000);
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    assert!(limit.rlim_cur >= 5_000, "needs a descriptor limit of 5,000");
+
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    // The database would refuse 1,000 clients: the connections go to an echo server instead.
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().unwrap();
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    lab.sshd.permit_open(&format!("127.0.0.1:{echo_port}"));
+    let mut db = lab.attachment("DATABASE");
+    db.set_conn_info("POSTGRES_PORT", &echo_port.to_string());
+    let tunnel = Tunnel::bash(db.vars.iter(), "ulimit -n 4096; exec bpg-tunnel");
+    tunnel.wait_for(&["event=ssh-connected"], T);
+    let pid = tunnel.pid();
+    let (rss_before, _) = rss_and_cpu(pid);
+    let fds_before = open_fds(pid);
+
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut clients: Vec<std::net::TcpStream> = (0..1000)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", db.writer_port)).unwrap())
+        .collect();
+    for (n, client) in clients.iter_mut().enumerate() {
+        client.write_all(format!("{n:06}\n").as_bytes()).unwrap();
+    }
+    for (n, client) in clients.iter_mut().enumerate() {
+        client.set_read_timeout(Some(T)).unwrap();
+        let mut echoed = [0u8; 7];
+        client.read_exact(&mut echoed).unwrap();
+        assert_eq!(echoed, format!("{n:06}\n").as_bytes());
+    }
+    let all_served = started.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let (rss_held, _) = rss_and_cpu(pid);
+    let fds_held = open_fds(pid);
+    drop(clients);
+    let closing = Instant::now();
+    while open_fds(pid) > fds_before && closing.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fds_after = open_fds(pid);
+    eprintln!(
+        "1,000 connections: all echoed in {all_served:?}; RSS {:.1} MB idle, {:.1} MB holding them; \
+         descriptors {fds_before} idle, {fds_held} holding them, {fds_after} after",
+        rss_before as f64 / 1e6,
+        rss_held as f64 / 1e6
+    );
+    assert!(fds_held >= fds_before + 1000);
+    assert!(
+        fds_after <= fds_before,
+        "{fds_after} descriptors left, {fds_before} before"
+    );
+    assert_eq!(tunnel.count("event=ssh-disconnected"), 0);
+}
+
+#[test]
+fn out_of_descriptors_the_tunnel_does_not_spin_and_serves_again_when_they_free_up() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let tunnel = Tunnel::bash(db.vars.iter(), "ulimit -n 64; exec bpg-tunnel");
+    tunnel.wait_for(&["event=ssh-connected"], T);
+    let pid = tunnel.pid();
+    // Beyond the listen queue, connects time out: that is the kernel's doing, and fine.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], db.writer_port));
+    let held: Vec<_> = (0..200)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })
+        .collect();
+    tunnel.wait_for(&["event=accept-failed"], T);
+    let (_, cpu_before) = rss_and_cpu(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, cpu_after) = rss_and_cpu(pid);
+    let spent = cpu_after - cpu_before;
+    let held_count = held.len();
+    drop(held);
+    let status = support::psql(&db, &["select 1"]).output().unwrap().status;
+    eprintln!(
+        "EMFILE with {} connections waiting: {spent:?} of CPU in 3 s",
+        held_count
+    );
+    // A busy loop would spend the 3 s; a 100 ms back-off spends a few milliseconds.
+    assert!(spent < Duration::from_millis(300), "{spent:?}");
+    assert!(status.success());
+}
+
+/// Hours of uptime, compressed: a load through the tunnel with the server session killed every
+/// 20 s, resident memory and descriptors sampled every 10 s. `BPG_TUNNEL_SOAK_SECS` sets the
+/// length (60 s by default; `scripts/bench.sh` runs 10 minutes with the release binary).
+#[test]
+fn soak_under_load_with_the_session_killed_again_and_again_leaks_nothing() {
+    let Some(lab) = support::lab() else { return };
+    let length = Duration::from_secs(
+        std::env::var("BPG_TUNNEL_SOAK_SECS")
+            .ok()
+            .and_then(|secs| secs.parse().ok())
+            .unwrap_or(60),
+    );
+    let (db, _relay, tunnel) = through_relay(&lab);
+    let pid = tunnel.pid();
+    let load = Load::start(db.writer_port, CLIENTS);
+    load.wait_progress(200, T).expect("the load runs");
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut kills = 0;
+    let mut next_sample = Duration::ZERO;
+    let mut next_kill = Duration::from_secs(20);
+    while started.elapsed() < length {
+        let now = started.elapsed();
+        if now >= next_kill {
+            lab.sshd.signal_sessions(libc::SIGKILL);
+            kills += 1;
+            next_kill += Duration::from_secs(20);
+        }
+        if now >= next_sample {
+            let (rss, cpu) = rss_and_cpu(pid);
+            samples.push((
+                now.as_secs(),
+                rss,
+                open_fds(pid),
+                cpu,
+                load.ok(),
+                load.failed(),
+            ));
+            next_sample += Duration::from_secs(10);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (rss, cpu) = rss_and_cpu(pid);
+    samples.push((
+        length.as_secs(),
+        rss,
+        open_fds(pid),
+        cpu,
+        load.ok(),
+        load.failed(),
+    ));
+    eprintln!("soak, {kills} sessions killed: s, RSS MB, fds, CPU s, queries, failed");
+    for (secs, rss, fds, cpu, ok, failed) in &samples {
+        eprintln!(
+            "  {secs:>4} {:>6.1} {fds:>4} {:>6.1} {ok:>8} {failed:>5}",
+            *rss as f64 / 1e6,
+            cpu.as_secs_f64()
+        );
+    }
+    // The first sample after the first third (the warm-up) against the last.
+    let reference = samples
+        .iter()
+        .find(|(secs, ..)| *secs >= length.as_secs() / 3)
+        .unwrap();
+    let last = samples.last().unwrap();
+    assert!(
+        last.1 as f64 <= reference.1 as f64 * 1.10,
+        "RSS grew from {} to {}",
+        reference.1,
+        last.1
+    );
+    assert!(
+        last.2 <= reference.2,
+        "descriptors grew from {} to {}",
+        reference.2,
+        last.2
+    );
+    assert!(tunnel.lines().iter().all(|line| !line.contains("panicked")));
+    load.wait_progress(CLIENTS as u64, T)
+        .expect("the load still runs");
+}

@@ -1,0 +1,156 @@
+//! A fault relay between bpg-tunnel and sshd, for the faults this kernel cannot make (it has no
+//! `netem`): latency, a blackhole (nothing goes through, nothing is refused), and a reset of
+//! every connection. The idea of toxiproxy, in a few threads.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Faults {
+    /// Added to each direction, in milliseconds.
+    delay_ms: AtomicU64,
+    /// Nothing is read or written while set: the peers hear nothing, and nothing is refused.
+    paused: AtomicBool,
+    /// Every connection's sockets, to reset them all at once.
+    sockets: Mutex<Vec<TcpStream>>,
+    closed: AtomicBool,
+}
+
+pub struct Relay {
+    pub port: u16,
+    faults: Arc<Faults>,
+}
+
+impl Relay {
+    /// Listens on a fresh 127.0.0.1 port and relays each connection to `target`.
+    pub fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let faults = Arc::new(Faults::default());
+        let shared = faults.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if shared.closed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut sockets = shared.sockets.lock().unwrap();
+                    sockets.push(client.try_clone().unwrap());
+                    sockets.push(server.try_clone().unwrap());
+                }
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    &shared,
+                );
+                pipe(server, client, &shared);
+            }
+        });
+        Relay { port, faults }
+    }
+
+    /// Latency added to each direction from now on.
+    pub fn set_delay(&self, delay: Duration) {
+        self.faults
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// A blackhole: from now on nothing passes either way, and nothing is refused or reset.
+    pub fn pause(&self) {
+        self.faults.paused.store(true, Ordering::Relaxed);
+    }
+
+    /// Lets through again what waited, and what comes.
+    pub fn resume(&self) {
+        self.faults.paused.store(false, Ordering::Relaxed);
+    }
+
+    /// Resets every connection made so far (new ones are still relayed).
+    pub fn reset_all(&self) {
+        for socket in self.faults.sockets.lock().unwrap().drain(..) {
+            let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.faults.closed.store(true, Ordering::Relaxed);
+        self.reset_all();
+        // Wakes the accept loop so it sees `closed`.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// One direction: a reader that stamps each chunk with its arrival, and a writer that sends it
+/// once its delay has passed, so that latency does not cut throughput.
+fn pipe(mut from: TcpStream, mut to: TcpStream, faults: &Arc<Faults>) {
+    let queue = Arc::new((
+        Mutex::new(VecDeque::<(Instant, Vec<u8>)>::new()),
+        Condvar::new(),
+    ));
+    let (reader_faults, writer_faults) = (faults.clone(), faults.clone());
+    let reader_queue = queue.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if reader_faults.paused.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let chunk = match from.read(&mut buf) {
+                Ok(0) | Err(_) => None,
+                Ok(n) => Some(buf[..n].to_vec()),
+            };
+            let (lock, ready) = &*reader_queue;
+            let mut queued = lock.lock().unwrap();
+            match chunk {
+                Some(chunk) => queued.push_back((Instant::now(), chunk)),
+                // An empty chunk stands for the end.
+                None => queued.push_back((Instant::now(), Vec::new())),
+            }
+            ready.notify_one();
+            if queued.back().is_some_and(|(_, chunk)| chunk.is_empty()) {
+                return;
+            }
+        }
+    });
+    std::thread::spawn(move || loop {
+        let (at, chunk) = {
+            let (lock, ready) = &*queue;
+            let mut queued = lock.lock().unwrap();
+            while queued.is_empty() {
+                queued = ready.wait(queued).unwrap();
+            }
+            queued.pop_front().unwrap()
+        };
+        let delay = Duration::from_millis(writer_faults.delay_ms.load(Ordering::Relaxed));
+        let due = at + delay;
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        while writer_faults.paused.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if chunk.is_empty() {
+            let _ = to.shutdown(Shutdown::Write);
+            return;
+        }
+        if to.write_all(&chunk).is_err() {
+            return;
+        }
+    });
+}
