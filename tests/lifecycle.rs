@@ -89,7 +89,7 @@ echo app-exiting"#,
         libc::kill(daemon, libc::SIGTERM);
     }
     let status = dyno.wait_exit(T).expect("the app finishes draining");
-    let app_exited = Instant::now();
+    let app_exited = dyno.exited_at().unwrap();
     assert!(status.success());
     let out = dyno.lines().join("\n");
     assert!(out.contains("slow-ok"), "{out}");
@@ -141,7 +141,7 @@ fn one_off_owner_exits_without_a_signal_and_the_daemon_follows() {
         r#"bpg-tunnel start --owner-pid $$; psql "$APP_URL" -XAtc "select 'migrated'""#,
     );
     dyno.wait_exit(T).unwrap();
-    let exited = Instant::now();
+    let exited = dyno.exited_at().unwrap();
     assert!(dyno.lines().iter().any(|l| l == "migrated"));
     let daemon_gone = dyno.wait_for(&["event=stopped"], T);
     assert!(!daemon_gone.is_empty());

@@ -1,6 +1,7 @@
 //! A fault relay between bpg-tunnel and sshd, for the faults this kernel cannot make (it has no
-//! `netem`): latency, a blackhole (nothing goes through, nothing is refused), and a reset of
-//! every connection. The idea of toxiproxy, in a few threads.
+//! `netem`): latency, and a blackhole (nothing goes through either way, nothing is refused; TCP
+//! itself still connects and acknowledges, so it is the SSH layer that must notice). The idea
+//! of toxiproxy, in a few threads.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -15,8 +16,7 @@ struct Faults {
     delay_ms: AtomicU64,
     /// Nothing is read or written while set: the peers hear nothing, and nothing is refused.
     paused: AtomicBool,
-    /// Every connection's sockets, to reset them all at once.
-    sockets: Mutex<Vec<TcpStream>>,
+    /// The relay is gone: every thread ends.
     closed: AtomicBool,
 }
 
@@ -43,11 +43,6 @@ impl Relay {
                 };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                {
-                    let mut sockets = shared.sockets.lock().unwrap();
-                    sockets.push(client.try_clone().unwrap());
-                    sockets.push(server.try_clone().unwrap());
-                }
                 pipe(
                     client.try_clone().unwrap(),
                     server.try_clone().unwrap(),
@@ -75,20 +70,12 @@ impl Relay {
     pub fn resume(&self) {
         self.faults.paused.store(false, Ordering::Relaxed);
     }
-
-    /// Resets every connection made so far (new ones are still relayed).
-    pub fn reset_all(&self) {
-        for socket in self.faults.sockets.lock().unwrap().drain(..) {
-            let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
-            let _ = socket.shutdown(Shutdown::Both);
-        }
-    }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
         self.faults.closed.store(true, Ordering::Relaxed);
-        self.reset_all();
+        self.faults.paused.store(false, Ordering::Relaxed);
         // Wakes the accept loop so it sees `closed`.
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
@@ -106,6 +93,10 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, faults: &Arc<Faults>) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
+            if reader_faults.closed.load(Ordering::Relaxed) {
+                let _ = from.shutdown(Shutdown::Both);
+                return;
+            }
             if reader_faults.paused.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
@@ -145,7 +136,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, faults: &Arc<Faults>) {
         while writer_faults.paused.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        if chunk.is_empty() {
+        if chunk.is_empty() || writer_faults.closed.load(Ordering::Relaxed) {
             let _ = to.shutdown(Shutdown::Write);
             return;
         }

@@ -71,6 +71,8 @@ struct Output {
 pub struct Tunnel {
     child: Child,
     output: Arc<Output>,
+    /// When `wait_exit` first saw the process gone.
+    exited_at: Option<Instant>,
 }
 
 impl Tunnel {
@@ -140,7 +142,11 @@ impl Tunnel {
                 output.changed.notify_all();
             });
         }
-        Tunnel { child, output }
+        Tunnel {
+            child,
+            output,
+            exited_at: None,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -199,12 +205,18 @@ impl Tunnel {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
+                self.exited_at.get_or_insert_with(Instant::now);
                 self.wait_output_read(Duration::from_millis(500));
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// When the process was first seen gone (by `wait_exit`).
+    pub fn exited_at(&self) -> Option<Instant> {
+        self.exited_at
     }
 
     fn wait_output_read(&self, timeout: Duration) {
