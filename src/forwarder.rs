@@ -180,7 +180,11 @@ impl Connection {
             {
                 Ok(channel) => channel,
                 Err(_) => {
-                    warn!(event = "connection-wait-expired", addon, %role, %peer, waited_ms = wait_timeout.as_millis() as u64, "the SSH server did not open the channel in time; closing the connection");
+                    let target = crate::config::host_port(
+                        &self.forward.remote_host,
+                        self.forward.remote_port,
+                    );
+                    warn!(event = "connection-wait-expired", addon, %role, %peer, target, waited_ms = wait_timeout.as_millis() as u64, "the SSH server could not reach the database in time; closing the connection");
                     return;
                 }
             };

@@ -486,3 +486,60 @@ fn soak_under_load_with_the_session_killed_again_and_again_leaks_nothing() {
     load.wait_progress(CLIENTS as u64, T)
         .expect("the load still runs");
 }
+
+#[test]
+fn a_database_the_server_cannot_reach_fails_each_connection_cleanly_and_keeps_the_session() {
+    let _one = one_at_a_time();
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    // A target that never answers: a listener whose one-place queue is full drops every SYN,
+    // so sshd's connect hangs, as it would to a blackholed database host.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    let filler: Vec<_> = (0..4)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(
+                &([127, 0, 0, 1], port).into(),
+                Duration::from_millis(300),
+            )
+            .ok()
+        })
+        .collect();
+    lab.sshd.permit_open(&format!("127.0.0.1:{port}"));
+    let mut db = lab.attachment("DATABASE");
+    db.set_conn_info("POSTGRES_PORT", &port.to_string());
+    let mut args = FAST.to_vec();
+    args.extend(["--connection-wait-timeout", "2s"]);
+    let tunnel = Tunnel::spawn(db.vars.iter(), &args);
+    tunnel.wait_for(&["event=ssh-connected"], T);
+    let started = Instant::now();
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            support::psql(&db, &["select 1"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut client in clients {
+        assert!(!client.wait().unwrap().success());
+    }
+    let failed_after = started.elapsed();
+    let line = tunnel.wait_for_nth(&["event=connection-wait-expired"], 8, T);
+    // One try per connection: no more lines come.
+    std::thread::sleep(Duration::from_millis(500));
+    let expired = tunnel.count("event=connection-wait-expired");
+    eprintln!("unreachable database: 8 connections failed after {failed_after:?}, {expired} lines: {line}");
+    assert!(line.contains(&format!("target=127.0.0.1:{port}")), "{line}");
+    assert!(failed_after < Duration::from_secs(5), "{failed_after:?}");
+    assert_eq!(expired, 8);
+    assert_eq!(tunnel.count("event=ssh-connected"), 1);
+    assert_eq!(tunnel.count("event=ssh-disconnected"), 0);
+    drop(filler);
+}
