@@ -179,7 +179,7 @@ impl Options {
     pub fn settings(&self, matches: &ArgMatches) -> (Settings, Vec<InvalidSetting>) {
         let mut read = Reader {
             matches,
-            args: Options::augment_args(clap::Command::new("options")),
+            args: options_command(),
             invalid: Vec::new(),
             bad_flags: Vec::new(),
         };
@@ -249,7 +249,7 @@ impl Options {
             },
             log: read.value("log", &self.log, parse_log_filter),
         };
-        settings.lifecycle.flags_env = flags_as_env(matches, &read.bad_flags);
+        settings.lifecycle.flags_env = flags_as_env(&read.args, matches, &read.bad_flags);
         (settings, read.invalid)
     }
 }
@@ -350,6 +350,11 @@ pub struct Settings {
     pub log: String,
 }
 
+/// The options as clap declares them: their flags, variables and defaults.
+fn options_command() -> clap::Command {
+    Options::augment_args(clap::Command::new("options"))
+}
+
 /// Warns of each setting replaced by its default: once, by the process that serves.
 pub fn report(invalid: &[InvalidSetting]) {
     for setting in invalid {
@@ -368,8 +373,12 @@ pub fn report(invalid: &[InvalidSetting]) {
 /// (each option's `env`), so no option can be forgotten here.
 /// Flags in `bad` (replaced by their default here, and said so) are left out: the daemon takes
 /// their variable or default instead.
-fn flags_as_env(matches: &ArgMatches, bad: &[String]) -> Vec<(String, OsString)> {
-    Options::augment_args(clap::Command::new("options"))
+fn flags_as_env(
+    options: &clap::Command,
+    matches: &ArgMatches,
+    bad: &[String],
+) -> Vec<(String, OsString)> {
+    options
         .get_arguments()
         .filter_map(|arg| {
             let var = arg.get_env()?;
@@ -642,7 +651,7 @@ mod tests {
 
     #[test]
     fn every_option_is_a_variable_too() {
-        let command = Options::augment_args(clap::Command::new("options"));
+        let command = options_command();
         for arg in command.get_arguments() {
             let var = arg.get_env().map(|v| v.to_string_lossy().into_owned());
             assert!(
@@ -667,7 +676,7 @@ mod tests {
                 "5",
             ])
             .unwrap();
-        let mut env = flags_as_env(&matches, &[]);
+        let mut env = flags_as_env(&options_command(), &matches, &[]);
         env.sort();
         assert_eq!(
             env,
@@ -681,7 +690,7 @@ mod tests {
             .try_get_matches_from(["bpg-tunnel", "--owner-grace", "1s"])
             .unwrap();
         assert_eq!(
-            flags_as_env(&matches, &[]),
+            flags_as_env(&options_command(), &matches, &[]),
             [("BPG_TUNNEL_GRACE".to_owned(), OsString::from("1s"))]
         );
     }

@@ -40,6 +40,20 @@ fn through_relay(lab: &support::Lab) -> (support::Attachment, Relay, Tunnel) {
     (db, relay, tunnel)
 }
 
+/// A load of `CLIENTS` running through a tunnel whose session goes through a fault relay.
+fn under_load(lab: &support::Lab) -> (support::Attachment, Relay, Tunnel, Load) {
+    let (db, relay, tunnel) = through_relay(lab);
+    let load = Load::start(db.writer_port, CLIENTS);
+    load.wait_progress(200, T).expect("the load runs");
+    (db, relay, tunnel, load)
+}
+
+/// Waits until every client has had a query answered again.
+fn wait_resumed(load: &Load) {
+    load.wait_progress(CLIENTS as u64, T)
+        .expect("the load resumes");
+}
+
 fn open_fds(pid: i32) -> usize {
     // Needs root: bpg-tunnel is not dumpable, so only CAP_SYS_PTRACE may list its descriptors.
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -51,16 +65,13 @@ fn open_fds(pid: i32) -> usize {
 fn a_killed_session_under_load_fails_only_what_was_open_and_new_queries_resume_within_1s() {
     let _one = one_at_a_time();
     let Some(lab) = support::lab() else { return };
-    let (db, _relay, tunnel) = through_relay(&lab);
-    let load = Load::start(db.writer_port, CLIENTS);
-    load.wait_progress(200, T).expect("the load runs");
+    let (_db, _relay, tunnel, load) = under_load(&lab);
     let failed_before = load.failed();
     assert!(lab.sshd.signal_sessions(libc::SIGKILL) > 0);
     let killed = Instant::now();
     tunnel.wait_for_nth(&["event=ssh-connected"], 2, T);
     let reconnected = killed.elapsed();
-    load.wait_progress(CLIENTS as u64, T)
-        .expect("the load resumes");
+    wait_resumed(&load);
     let resumed = killed.elapsed();
     let failed = load.failed() - failed_before;
     eprintln!(
@@ -76,15 +87,12 @@ fn a_killed_session_under_load_fails_only_what_was_open_and_new_queries_resume_w
 fn a_hung_server_under_load_is_replaced_within_the_keepalive_budget_and_the_load_resumes() {
     let _one = one_at_a_time();
     let Some(lab) = support::lab() else { return };
-    let (db, _relay, tunnel) = through_relay(&lab);
-    let load = Load::start(db.writer_port, CLIENTS);
-    load.wait_progress(200, T).expect("the load runs");
+    let (_db, _relay, tunnel, load) = under_load(&lab);
     assert!(lab.sshd.signal_sessions(libc::SIGSTOP) > 0);
     let hung = Instant::now();
     tunnel.wait_for(&["event=ssh-disconnected"], T);
     let detected = hung.elapsed();
-    load.wait_progress(CLIENTS as u64, T)
-        .expect("the load resumes");
+    wait_resumed(&load);
     let resumed = hung.elapsed();
     eprintln!("server hung: replaced after {detected:?}, load resumed after {resumed:?}");
     // interval × count, and a second.
@@ -96,9 +104,7 @@ fn a_hung_server_under_load_is_replaced_within_the_keepalive_budget_and_the_load
 fn a_blackhole_is_detected_in_time_and_a_connection_opened_during_it_is_served_after() {
     let _one = one_at_a_time();
     let Some(lab) = support::lab() else { return };
-    let (db, relay, tunnel) = through_relay(&lab);
-    let load = Load::start(db.writer_port, CLIENTS);
-    load.wait_progress(200, T).expect("the load runs");
+    let (db, relay, tunnel, load) = under_load(&lab);
     relay.pause();
     let dark = Instant::now();
     tunnel.wait_for(&["event=ssh-disconnected"], T);
@@ -112,8 +118,7 @@ fn a_blackhole_is_detected_in_time_and_a_connection_opened_during_it_is_served_a
     relay.resume();
     let restored = Instant::now();
     let output = late.wait_with_output().unwrap();
-    load.wait_progress(CLIENTS as u64, T)
-        .expect("the load resumes");
+    wait_resumed(&load);
     let resumed = restored.elapsed();
     eprintln!(
         "blackhole 6 s: detected after {detected:?}; served again {resumed:?} after it ended"
@@ -160,9 +165,7 @@ fn sshd_down_for_6s_backoff_stays_within_its_cap_and_serving_resumes_within_it()
     let Some(mut lab) = support::lab() else {
         return;
     };
-    let (db, _relay, tunnel) = through_relay(&lab);
-    let load = Load::start(db.writer_port, CLIENTS);
-    load.wait_progress(200, T).expect("the load runs");
+    let (_db, _relay, tunnel, load) = under_load(&lab);
     lab.sshd.stop();
     std::thread::sleep(Duration::from_secs(6));
     let attempts = tunnel.count("event=ssh-connecting");
@@ -171,8 +174,7 @@ fn sshd_down_for_6s_backoff_stays_within_its_cap_and_serving_resumes_within_it()
     // The next attempt comes within the cap; from it, serving takes a handshake.
     tunnel.wait_for_nth(&["event=ssh-connecting"], attempts + 1, T);
     let attempt = back.elapsed();
-    load.wait_progress(CLIENTS as u64, T)
-        .expect("the load resumes");
+    wait_resumed(&load);
     let resumed = back.elapsed();
     let delays: Vec<u64> = tunnel
         .lines()
@@ -194,15 +196,12 @@ fn postgresql_restarted_behind_the_tunnel_does_not_cycle_the_session() {
     let Some(mut lab) = support::lab() else {
         return;
     };
-    let (db, _relay, tunnel) = through_relay(&lab);
-    let load = Load::start(db.writer_port, CLIENTS);
-    load.wait_progress(200, T).expect("the load runs");
+    let (_db, _relay, tunnel, load) = under_load(&lab);
     lab.pg.stop();
     std::thread::sleep(Duration::from_secs(1));
     lab.pg.start_again();
     let back = Instant::now();
-    load.wait_progress(CLIENTS as u64, T)
-        .expect("the load resumes");
+    wait_resumed(&load);
     eprintln!(
         "PostgreSQL restarted: queries again {:?} after it accepted",
         back.elapsed()
@@ -260,9 +259,7 @@ fn clients_that_never_send_half_close_or_reset_leave_no_descriptor_behind() {
 fn a_sigterm_during_a_blackhole_still_stops_within_the_grace_and_the_stop_bound() {
     let _one = one_at_a_time();
     let Some(lab) = support::lab() else { return };
-    let (db, relay, mut tunnel) = through_relay(&lab);
-    let load = Load::start(db.writer_port, CLIENTS);
-    load.wait_progress(200, T).expect("the load runs");
+    let (_db, relay, mut tunnel, _load) = under_load(&lab);
     relay.pause();
     std::thread::sleep(Duration::from_millis(500));
     let signalled = Instant::now();
@@ -416,10 +413,8 @@ fn soak_under_load_with_the_session_killed_again_and_again_leaks_nothing() {
             .and_then(|secs| secs.parse().ok())
             .unwrap_or(60),
     );
-    let (db, _relay, tunnel) = through_relay(&lab);
+    let (_db, _relay, tunnel, load) = under_load(&lab);
     let pid = tunnel.pid();
-    let load = Load::start(db.writer_port, CLIENTS);
-    load.wait_progress(200, T).expect("the load runs");
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut kills = 0;
@@ -483,8 +478,7 @@ fn soak_under_load_with_the_session_killed_again_and_again_leaks_nothing() {
         last.2
     );
     assert!(tunnel.lines().iter().all(|line| !line.contains("panicked")));
-    load.wait_progress(CLIENTS as u64, T)
-        .expect("the load still runs");
+    wait_resumed(&load);
 }
 
 #[test]

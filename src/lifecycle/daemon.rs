@@ -265,6 +265,14 @@ enum Event {
 }
 
 impl OwnerGone {
+    fn say_owner_exited(&self, running: &Running) {
+        info!(
+            event = "owner-exited",
+            owner = self.owner.pid(),
+            open_connections = running.open_connections()
+        );
+    }
+
     async fn next_event(&mut self) -> Event {
         tokio::select! {
             () = self.owner.exited() => Event::OwnerExited,
@@ -276,27 +284,26 @@ impl OwnerGone {
 impl Trigger for OwnerGone {
     async fn stop(&mut self, running: &Running) -> Stop {
         let grace = self.grace;
-        let owner = self.owner.pid();
         let (first, at) = match self.early.take() {
             Some(early) => early,
             None => (self.next_event().await, tokio::time::Instant::now()),
         };
         let first = match first {
             Event::OwnerExited => {
-                info!(
-                    event = "owner-exited",
-                    owner,
-                    open_connections = running.open_connections()
-                );
+                self.say_owner_exited(running);
+                return Stop::Gracefully { grace };
+            }
+            Event::Signal("SIGHUP") => {
+                info!(event = "signal", signal = "SIGHUP", "stopping");
                 return Stop::Gracefully { grace };
             }
             Event::Signal(name) => name,
         };
-        if first == "SIGHUP" {
-            info!(event = "signal", signal = first, "stopping");
-            return Stop::Gracefully { grace };
-        }
         let deadline_at = at + self.drain_timeout;
+        // Never past the drain deadline: what follows it must fit before the SIGKILL.
+        let grace_left = || Stop::Gracefully {
+            grace: grace.min(deadline_at.saturating_duration_since(tokio::time::Instant::now())),
+        };
         info!(
             event = "drain-started",
             signal = first,
@@ -309,29 +316,31 @@ impl Trigger for OwnerGone {
         let deadline = tokio::time::sleep_until(deadline_at);
         tokio::pin!(deadline);
         loop {
-            tokio::select! {
-                () = self.owner.exited() => {
-                    info!(event = "owner-exited", owner, open_connections = running.open_connections());
-                    // Never past the drain deadline: what follows it must fit before the SIGKILL.
-                    let left = deadline_at.saturating_duration_since(tokio::time::Instant::now());
-                    return Stop::Gracefully { grace: grace.min(left) };
-                }
+            let event = tokio::select! {
+                event = self.next_event() => event,
                 () = &mut deadline => {
                     warn!(event = "drain-deadline", open_connections = running.open_connections(), "the app is still running; leaving before the platform's SIGKILL");
                     return Stop::Gracefully { grace: Duration::ZERO };
                 }
-                name = self.signals.next_stop() => match name {
-                    "SIGTERM" => debug!(event = "signal-ignored", signal = name),
-                    "SIGINT" => {
-                        warn!(event = "signal", signal = name, "interrupted while draining; exiting at once");
-                        return Stop::Now;
-                    }
-                    _ => {
-                        info!(event = "signal", signal = name, "stopping");
-                        let left = deadline_at.saturating_duration_since(tokio::time::Instant::now());
-                        return Stop::Gracefully { grace: grace.min(left) };
-                    }
-                },
+            };
+            match event {
+                Event::OwnerExited => {
+                    self.say_owner_exited(running);
+                    return grace_left();
+                }
+                Event::Signal("SIGTERM") => debug!(event = "signal-ignored", signal = "SIGTERM"),
+                Event::Signal("SIGINT") => {
+                    warn!(
+                        event = "signal",
+                        signal = "SIGINT",
+                        "interrupted while draining; exiting at once"
+                    );
+                    return Stop::Now;
+                }
+                Event::Signal(name) => {
+                    info!(event = "signal", signal = name, "stopping");
+                    return grace_left();
+                }
             }
         }
     }

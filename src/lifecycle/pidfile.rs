@@ -202,14 +202,23 @@ impl Drop for PidFile {
 mod tests {
     use super::*;
 
-    fn private_dir() -> tempfile::TempDir {
+    fn dir_with_mode(mode: u32) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(
             dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
         )
         .unwrap();
         dir
+    }
+
+    fn private_dir() -> tempfile::TempDir {
+        dir_with_mode(0o700)
+    }
+
+    /// A directory anyone may write to, like /tmp without its sticky bit.
+    fn shared_dir() -> tempfile::TempDir {
+        dir_with_mode(0o777)
     }
 
     #[test]
@@ -251,12 +260,7 @@ mod tests {
 
     #[test]
     fn a_locked_file_in_a_directory_others_can_write_to_is_no_daemon() {
-        let shared = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            shared.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o777),
-        )
-        .unwrap();
+        let shared = shared_dir();
         let path = shared.path().join(FILE_NAME);
         std::fs::write(&path, "4000000\n").unwrap();
         let file = File::open(&path).unwrap();
@@ -280,12 +284,7 @@ mod tests {
 
     #[test]
     fn a_directory_others_can_write_to_is_refused_and_the_next_place_used() {
-        let shared = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            shared.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o777),
-        )
-        .unwrap();
+        let shared = shared_dir();
         let private = private_dir();
         let paths = [
             shared.path().join(FILE_NAME),

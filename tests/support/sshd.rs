@@ -225,24 +225,25 @@ LogLevel VERBOSE
         let name = format!("host_{kind:?}");
         let pair = keygen(&self.tools, self.dir.path(), &name, kind.keygen_args());
         self.more_host_keys.push(name);
-        self.write_config();
-        self.stop();
-        self.restart();
+        self.reconfigure();
         pair
     }
 
     /// Allows forwarding to `target` (`host:port`) too, and restarts the server.
     pub fn permit_open(&mut self, target: &str) {
         self.more_targets.push(target.to_owned());
-        self.write_config();
-        self.stop();
-        self.restart();
+        self.reconfigure();
     }
 
     /// Appends `lines` to the server's configuration and restarts it.
     pub fn configure(&mut self, lines: &str) {
         self.extra_config.push_str(lines);
         self.extra_config.push('\n');
+        self.reconfigure();
+    }
+
+    /// Writes the configuration again and restarts the server with it.
+    fn reconfigure(&mut self) {
         self.write_config();
         self.stop();
         self.restart();

@@ -161,24 +161,22 @@ impl Tunnel {
         self.lines().iter().filter(|l| l.contains(needle)).count()
     }
 
-    /// Waits until `n` lines contain every needle; returns the last such line.
-    pub fn wait_for_nth(&self, needles: &[&str], n: usize, timeout: Duration) -> String {
+    /// Waits until `done` holds of the output read so far, or `timeout`; returns the output
+    /// and whether it held.
+    fn wait_output(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[String]) -> bool,
+    ) -> (std::sync::MutexGuard<'_, Vec<String>>, bool) {
         let deadline = Instant::now() + timeout;
         let mut lines = self.output.lines.lock().unwrap();
         loop {
-            let matching: Vec<&String> = lines
-                .iter()
-                .filter(|l| needles.iter().all(|n| l.contains(n)))
-                .collect();
-            if matching.len() >= n {
-                return matching[n - 1].clone();
+            if done(&lines) {
+                return (lines, true);
             }
             let now = Instant::now();
             if now >= deadline {
-                panic!(
-                    "no line #{n} with {needles:?} within {timeout:?}; output:\n{}",
-                    lines.join("\n")
-                );
+                return (lines, false);
             }
             lines = self
                 .output
@@ -189,6 +187,25 @@ impl Tunnel {
         }
     }
 
+    /// Waits until `n` lines contain every needle; returns the last such line.
+    pub fn wait_for_nth(&self, needles: &[&str], n: usize, timeout: Duration) -> String {
+        let matching = |lines: &[String]| -> Vec<String> {
+            lines
+                .iter()
+                .filter(|l| needles.iter().all(|needle| l.contains(needle)))
+                .cloned()
+                .collect()
+        };
+        let (lines, found) = self.wait_output(timeout, |lines| matching(lines).len() >= n);
+        if !found {
+            panic!(
+                "no line #{n} with {needles:?} within {timeout:?}; output:\n{}",
+                lines.join("\n")
+            );
+        }
+        matching(&lines).swap_remove(n - 1)
+    }
+
     pub fn wait_for(&self, needles: &[&str], timeout: Duration) -> String {
         self.wait_for_nth(needles, 1, timeout)
     }
@@ -197,7 +214,6 @@ impl Tunnel {
         unsafe { libc::kill(self.pid(), signal) };
     }
 
-    /// Waits for the process to exit on its own.
     /// Waits for the process to exit, and then for what it wrote to be read: a test that
     /// looks at the output right after must see all of it. (A daemon it left behind may hold the
     /// pipes: that wait is bounded.)
@@ -220,20 +236,8 @@ impl Tunnel {
     }
 
     fn wait_output_read(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.output.lines.lock().unwrap();
-        while self.output.ended.load(std::sync::atomic::Ordering::SeqCst) < 2 {
-            let now = Instant::now();
-            if now >= deadline {
-                return;
-            }
-            lines = self
-                .output
-                .changed
-                .wait_timeout(lines, deadline - now)
-                .unwrap()
-                .0;
-        }
+        let ended = |_: &[String]| self.output.ended.load(std::sync::atomic::Ordering::SeqCst) >= 2;
+        let _ = self.wait_output(timeout, ended);
     }
 }
 
