@@ -14,12 +14,11 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Lab, Tunnel, DB_PASSWORD};
+use support::{Lab, SshForward, Tunnel, DB_PASSWORD};
 
 struct Options {
     lab: bool,
@@ -193,7 +192,7 @@ fn main() {
         .unwrap();
 
     if options.lab {
-        let ssh = Running::ssh(&lab, dir.path());
+        let ssh = Running::ssh(&lab);
         let bpg = Running::bpg(&lab);
         for running in [&ssh, &bpg] {
             runtime.block_on(first_query(running.port(), Instant::now()));
@@ -230,7 +229,7 @@ fn main() {
             let spawned = Instant::now();
             let running = match contender {
                 Contender::Direct => Running::Direct(lab.pg.port),
-                Contender::Ssh => Running::ssh(&lab, dir.path()),
+                Contender::Ssh => Running::ssh(&lab),
                 Contender::Bpg => Running::bpg(&lab),
             };
             let port = running.port();
@@ -512,57 +511,14 @@ async fn hold_connections(port: u16, count: usize, running: &Running) -> f64 {
 
 enum Running {
     Direct(u16),
-    Ssh { port: u16, child: Child },
+    Ssh(SshForward),
     Bpg { port: u16, tunnel: Tunnel },
 }
 
 impl Running {
-    /// autossh + ssh exactly as the old script ran them (minus `-f`, so we keep the pid).
-    fn ssh(lab: &Lab, dir: &Path) -> Running {
-        let key = dir.join("id");
-        if !key.exists() {
-            std::fs::write(&key, &lab.client_key.private).unwrap();
-            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-            std::fs::write(
-                dir.join("known_hosts"),
-                format!(
-                    "[127.0.0.1]:{} {}\n",
-                    lab.sshd.port, lab.sshd.host_key.public
-                ),
-            )
-            .unwrap();
-        }
-        let port = support::free_port();
-        let forward = format!("127.0.0.1:{port}:127.0.0.1:{}", lab.pg.port);
-        let mut command = Command::new("autossh");
-        support::die_with_parent(&mut command);
-        let child = command
-            .args(["-M", "0", "-N", "-F", "/dev/null"])
-            .args(["-o", "TCPKeepAlive=no", "-o", "ServerAliveInterval=15"])
-            .args([
-                "-o",
-                "ServerAliveCountMax=3",
-                "-o",
-                "ExitOnForwardFailure=yes",
-            ])
-            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
-            .arg("-o")
-            .arg(format!(
-                "UserKnownHostsFile={}",
-                dir.join("known_hosts").display()
-            ))
-            .args(["-p", &lab.sshd.port.to_string()])
-            .arg("-i")
-            .arg(&key)
-            .args(["-L", &forward])
-            .arg(format!("{}@127.0.0.1", lab.sshd.user))
-            .env("AUTOSSH_PATH", support::which("ssh").unwrap())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start autossh");
-        Running::Ssh { port, child }
+    /// autossh + ssh exactly as the old script ran them.
+    fn ssh(lab: &Lab) -> Running {
+        Running::Ssh(SshForward::start(lab, lab.sshd.port))
     }
 
     fn bpg(lab: &Lab) -> Running {
@@ -575,7 +531,8 @@ impl Running {
 
     fn port(&self) -> u16 {
         match self {
-            Running::Direct(port) | Running::Ssh { port, .. } | Running::Bpg { port, .. } => *port,
+            Running::Direct(port) | Running::Bpg { port, .. } => *port,
+            Running::Ssh(forward) => forward.port,
         }
     }
 
@@ -583,26 +540,8 @@ impl Running {
     fn pids(&self) -> Vec<i32> {
         match self {
             Running::Direct(_) => vec![],
-            Running::Ssh { child, .. } => {
-                let root = child.id() as i32;
-                let mut pids = vec![root];
-                pids.extend(support::descendants(root));
-                pids
-            }
+            Running::Ssh(forward) => forward.pids(),
             Running::Bpg { tunnel, .. } => vec![tunnel.pid()],
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let pids = self.pids();
-        if let Running::Ssh { child, .. } = self {
-            for pid in pids {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            let _ = child.wait();
         }
     }
 }

@@ -4,7 +4,8 @@
 # on loopback like the tests' lab. Prints a table of medians with bpg-tunnel / ssh ratios.
 #   scripts/bench.sh            full run: 5 rounds, about 5 minutes
 #   scripts/bench.sh --smoke    one short round that checks every figure is measured (CI)
-# The full run ends with a 10-minute soak (tests/faults.rs; CI runs 60 s of it).
+# The full run ends with the long versions of the fault rows (tests/faults.rs): a 60 s blackhole,
+# 60 s of 5 % loss, sshd down for 60 s, and a 10-minute pgbench soak (CI runs them for seconds).
 # Other options: --rounds N, --seconds S (per pgbench run), --copy-mb M, --idle N, --lab.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,10 @@ scripts/dist.sh
 BPG_TUNNEL_BIN="$PWD/target/x86_64-unknown-linux-musl/release/bpg-tunnel" \
   cargo bench --locked --profile dev --bench tunnel -- "$@"
 if [[ " $* " != *" --smoke "* ]]; then
-  echo "-----> soak: 10 minutes of load with the server session killed every 20 s"
+  echo "-----> faults, long versions: blackhole, 5 % loss and sshd down for 60 s each"
+  BPG_TUNNEL_BIN="$PWD/target/x86_64-unknown-linux-musl/release/bpg-tunnel" BPG_TUNNEL_FAULT_SECS=60 \
+    cargo test --locked --test faults -- --nocapture blackhole_is_detected loss_both_ways sshd_down
+  echo "-----> soak: 10 minutes of pgbench with the server session killed every 30 s"
   BPG_TUNNEL_BIN="$PWD/target/x86_64-unknown-linux-musl/release/bpg-tunnel" BPG_TUNNEL_SOAK_SECS=600 \
     cargo test --locked --test faults soak -- --nocapture
 fi

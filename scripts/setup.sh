@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, and nothing when it is already there:
-# OpenSSH's sshd, ssh and ssh-keygen, autossh, PostgreSQL's server binaries, psql and pgbench;
+# OpenSSH's sshd, ssh and ssh-keygen, autossh, PostgreSQL's server binaries, psql and pgbench,
+# nftables;
 # then the patched russh the build needs (scripts/patch-russh.sh).
 set -euo pipefail
 
@@ -11,6 +12,8 @@ command -v ssh >/dev/null || need+=(openssh-client)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v pgbench >/dev/null || need+=(postgresql-contrib)
+# The fault tests' packet loss.
+[ -x /usr/sbin/nft ] || need+=(nftables)
 # The benchmark's baseline is the old buildpack's autossh + ssh -L.
 command -v autossh >/dev/null || need+=(autossh)
 

@@ -180,3 +180,116 @@ impl Drop for Load {
         }
     }
 }
+
+/// psql to 127.0.0.1:`port` as the lab's database user, for a tunnel that is not bpg-tunnel's
+/// (`ssh -L`), running each command in turn.
+pub fn psql_at(port: u16, commands: &[&str]) -> Command {
+    let mut psql = Command::new("psql");
+    psql.args(["-X", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres"])
+        .env("PGPASSWORD", DB_PASSWORD);
+    for command in commands {
+        psql.args(["-c", command]);
+    }
+    psql
+}
+
+/// pgbench's TPC-B-like load through a port, throttled to a steady rate, in runs of a few
+/// seconds, each started again at once when the last ends. pgbench gives up on a client whose
+/// connection breaks and never reconnects it; a new run is what an app's pool does instead.
+pub struct Pgbench {
+    stop: Arc<AtomicBool>,
+    totals: Arc<PgbenchTotals>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+pub struct PgbenchTotals {
+    /// Transactions committed, as the runs reported them.
+    pub transactions: AtomicU64,
+    /// Runs that ended with clients aborted (pgbench's exit status 2).
+    pub aborted_runs: AtomicU64,
+    pub runs: AtomicU64,
+}
+
+impl Pgbench {
+    /// Creates pgbench's tables (scale 1) through `port`, then starts `clients` clients at
+    /// `rate` transactions per second in all.
+    pub fn start(port: u16, clients: usize, rate: u32) -> Pgbench {
+        let init = Command::new("pgbench")
+            .args([
+                "-i",
+                "-q",
+                "-s",
+                "1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .args(["-U", "postgres", "postgres"])
+            .env("PGPASSWORD", DB_PASSWORD)
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let totals = Arc::new(PgbenchTotals::default());
+        let (stop2, totals2) = (stop.clone(), totals.clone());
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let output = Command::new("pgbench")
+                    .args(["-n", "-T", "5", "-R", &rate.to_string()])
+                    .args(["-c", &clients.to_string(), "-j", "2"])
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                    .args(["-U", "postgres", "postgres"])
+                    .env("PGPASSWORD", DB_PASSWORD)
+                    .output()
+                    .unwrap();
+                let stdout = String::from_utf8_lossy(&output.stdout);
+                let processed = stdout
+                    .lines()
+                    .find_map(|line| {
+                        line.strip_prefix("number of transactions actually processed: ")
+                    })
+                    .and_then(|rest| rest.split(['/', ' ']).next()?.parse::<u64>().ok())
+                    .unwrap_or(0);
+                totals2.transactions.fetch_add(processed, Ordering::Relaxed);
+                totals2.runs.fetch_add(1, Ordering::Relaxed);
+                if !output.status.success() {
+                    totals2.aborted_runs.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Pgbench {
+            stop,
+            totals,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn totals(&self) -> &PgbenchTotals {
+        &self.totals
+    }
+
+    /// Stops after the run under way; the totals are final once this returns.
+    pub fn finish(mut self) -> Arc<PgbenchTotals> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+        self.totals.clone()
+    }
+}
+
+impl Drop for Pgbench {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

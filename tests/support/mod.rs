@@ -10,7 +10,9 @@
 //!   output captured for assertions; the release binary and tarball under test.
 //! - [`client`]: database clients through the tunnel (`tokio-postgres`, `psql`).
 //! - [`process`]: looking at processes through /proc.
-//! - [`relay`]: a relay between bpg-tunnel and sshd that adds latency, blackholes or resets.
+//! - [`relay`]: a relay between bpg-tunnel and sshd that adds latency or blackholes.
+//! - [`loss`]: packet loss on a loopback port, with nftables.
+//! - [`old_tunnel`]: autossh + `ssh -L` as the old buildpack ran them, the yardstick.
 //! - [`api`]: a fake of the add-on's HTTP API, for private-app-tunnel mode.
 //!
 //! Under `CI=true` a missing server binary fails the test; elsewhere the test is skipped with a
@@ -20,6 +22,8 @@
 pub mod api;
 pub mod client;
 pub mod lab;
+pub mod loss;
+pub mod old_tunnel;
 pub mod postgres;
 pub mod process;
 pub mod relay;
@@ -28,7 +32,10 @@ pub mod tunnel;
 
 // Each test target uses a different part of the harness.
 #[allow(unused_imports)]
-pub use {client::*, lab::*, postgres::*, process::*, relay::*, sshd::*, tunnel::*};
+pub use {
+    client::*, lab::*, loss::*, old_tunnel::*, postgres::*, process::*, relay::*, sshd::*,
+    tunnel::*,
+};
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
