@@ -9,6 +9,8 @@
 //! - `ssh`: one authenticated, pinned, keep-alive-checked SSH session.
 //! - `forwarder`: the 127.0.0.1 listeners and the per-connection copy over SSH channels.
 //! - `private_app`: private-app-tunnel mode: the dyno's registration with the add-on's API.
+//! - [`check`]: `bpg-tunnel check`, which walks each add-on's path step by step and says what
+//!   is wrong.
 //! - [`lifecycle`]: the launch forms (foreground, `start`'s daemon, `run --`): when to stop.
 //! - [`logfmt`]: one logfmt line per event on stdout.
 //!
@@ -16,6 +18,7 @@
 //! write the config vars an add-on would set.
 
 mod backoff;
+pub mod check;
 mod config;
 mod engine;
 mod forwarder;

@@ -96,18 +96,29 @@ fn push_pair(line: &mut String, key: &str, value: &str) {
     line.push('"');
 }
 
+/// Where the log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// The dyno's log stream.
+    Stdout,
+    /// For commands whose stdout is their answer (`check`).
+    Stderr,
+}
+
 /// Installs the logfmt subscriber. `filter` uses RUST_LOG syntax; an invalid filter falls back to
 /// `info` with a warning rather than silencing the daemon.
-pub fn init(filter: &str) {
+pub fn init(filter: &str, output: Output) {
     let (filter, invalid) = match EnvFilter::try_new(filter) {
         Ok(filter) => (filter, None),
         Err(error) => (EnvFilter::new("info"), Some(error.to_string())),
     };
-    let _ = tracing_subscriber::fmt()
+    let subscriber = tracing_subscriber::fmt()
         .event_format(Logfmt)
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .try_init();
+        .with_env_filter(filter);
+    let _ = match output {
+        Output::Stdout => subscriber.with_writer(std::io::stdout).try_init(),
+        Output::Stderr => subscriber.with_writer(std::io::stderr).try_init(),
+    };
     if let Some(error) = invalid {
         tracing::warn!(event = "config-error", var = "BPG_TUNNEL_LOG", error = %error, "invalid log filter; using info");
     }

@@ -3,8 +3,9 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+use bpg_tunnel::check::{self, CheckSettings};
 use bpg_tunnel::lifecycle::{self, daemon, foreground, run};
-use bpg_tunnel::logfmt;
+use bpg_tunnel::logfmt::{self, Output};
 use bpg_tunnel::options::{self, Options};
 
 // musl's allocator hands freed pages back to the kernel at once, and russh allocates a buffer
@@ -50,6 +51,13 @@ enum Command {
     },
     /// Stop the daemon that `start` left running.
     Stop,
+    /// Check each add-on step by step (config, DNS, TCP, SSH, host key, key, database) and say
+    /// what to do about the first step that fails; exit 0 only if every add-on passes.
+    Check {
+        /// One JSON document instead of lines for people.
+        #[arg(long)]
+        json: bool,
+    },
     #[command(name = "__daemon", hide = true)]
     Daemon {
         #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
@@ -66,7 +74,12 @@ fn main() -> ExitCode {
         .map_err(|error| error.format(&mut Cli::command()))
         .unwrap_or_else(|error| error.exit());
     let (settings, invalid) = cli.options.settings(&matches);
-    logfmt::init(&settings.log);
+    // `check` answers on stdout; its log lines (a bad setting, say) go beside it.
+    let output = match cli.command {
+        Some(Command::Check { .. }) => Output::Stderr,
+        _ => Output::Stdout,
+    };
+    logfmt::init(&settings.log, output);
     // The process that serves says what it replaced. `start` says it only of its flags (it does
     // not pass bad ones on); the daemon it starts reads the same variables and speaks for them.
     match cli.command {
@@ -85,6 +98,14 @@ fn main() -> ExitCode {
         Some(Command::Start { owner_pid }) => daemon::start(lifecycle, owner_pid),
         Some(Command::Stop) => daemon::stop(lifecycle),
         Some(Command::Daemon { owner_pid }) => daemon::daemon(engine, lifecycle, owner_pid),
+        Some(Command::Check { json }) => {
+            let settings = CheckSettings {
+                session: engine.supervisor.session.clone(),
+                registration: engine.registration.clone(),
+                json,
+            };
+            with_runtime(|| check::run(&settings))
+        }
         Some(Command::Run { scrub_env, command }) => {
             with_runtime(|| run::run(engine, lifecycle, command, scrub_env))
         }

@@ -254,6 +254,13 @@ impl Registration {
         self.registered.subscribe()
     }
 
+    /// For `check`: registers, then removes the registration again. The outer error is the
+    /// registration's; the inner result, the removal's.
+    pub async fn probe(&self) -> Result<Result<(), ApiError>, ApiError> {
+        self.api.register().await?;
+        Ok(self.api.deregister().await)
+    }
+
     /// Registers, renews until `shutdown`, then deregisters (bounded, so it always fits in what
     /// is left before the platform's SIGKILL).
     pub async fn run(self, shutdown: CancellationToken) {

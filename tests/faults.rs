@@ -25,6 +25,7 @@ const CLIENTS: usize = 16;
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    eprintln!("binary under test: {}", support::tunnel_binary().display());
     ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -194,9 +195,12 @@ fn with_50ms_more_latency_each_way_everything_works_as_fast_as_through_ssh() {
     for load in &loads {
         load.wait_progress(100, T).expect("the load runs");
     }
+    let failed_before = loads[0].failed();
     let [(bpg_rate, _), (ssh_rate, _)] =
         rates_and_stalls([&loads[0], &loads[1]], Duration::from_secs(3));
+    let failed = loads[0].failed() - failed_before;
     drop(loads);
+    // One after the other: two COPYs at once would each measure the other.
     let bpg_copy = copy_rate(support::psql(&db, &[]));
     let ssh_copy = copy_rate(support::psql_at(ssh.port, &[]));
     eprintln!(
@@ -206,6 +210,17 @@ fn with_50ms_more_latency_each_way_everything_works_as_fast_as_through_ssh() {
         ssh_copy / 1e6,
         bpg_copy / ssh_copy
     );
+    // Latency is the link's: through either tunnel, the same rates, give or take the noise of
+    // a shared machine.
+    assert!(
+        bpg_rate >= ssh_rate * 0.7,
+        "{bpg_rate:.0} against {ssh_rate:.0}"
+    );
+    assert!(
+        bpg_copy >= ssh_copy * 0.7,
+        "{bpg_copy:.0} against {ssh_copy:.0}"
+    );
+    assert_eq!(failed, 0);
     assert_eq!(tunnel.count("event=ssh-disconnected"), 0);
 }
 
@@ -215,7 +230,9 @@ fn five_percent_loss_both_ways_slows_the_load_and_fails_nothing() {
     let Some(lab) = support::lab() else { return };
     let length = fault_length(10);
     let db = lab.attachment("DATABASE");
-    let tunnel = Tunnel::spawn(db.vars.iter(), &FAST);
+    // The default keepalive (3 s × 3): on a lossy link TCP's own retransmissions stall the
+    // stream for up to seconds, and a user's session must ride them out.
+    let tunnel = Tunnel::spawn(db.vars.iter(), &[]);
     let ssh = SshForward::start(&lab, lab.sshd.port);
     tunnel.wait_for(&["event=ssh-connected"], T);
     ssh.wait_listening(T);
@@ -232,19 +249,24 @@ fn five_percent_loss_both_ways_slows_the_load_and_fails_nothing() {
     // Both sessions go to the same sshd port: the same loss for both, at the same time.
     let loss = PacketLoss::start(lab.sshd.port, 5);
     let [(bpg_during, bpg_stall), (ssh_during, ssh_stall)] = rates_and_stalls([&bpg, &old], length);
+    let dropped = loss.dropped();
     drop(loss);
     let failed = [
         bpg.failed() - failed_before[0],
         old.failed() - failed_before[1],
     ];
+    // The two share the two cores, so each is compared with itself before the loss.
+    let (bpg_kept, ssh_kept) = (bpg_during / bpg_before, ssh_during / ssh_before);
     eprintln!(
-        "5 % loss both ways for {length:?}, bpg-tunnel (ssh -L): {bpg_during:.0} ({ssh_during:.0}) queries/s, \
-         {bpg_before:.0} ({ssh_before:.0}) before; longest stall {bpg_stall:?} ({ssh_stall:?}); \
-         {} ({}) queries failed; {:.2}x",
+        "5 % loss both ways for {length:?} ({dropped} packets dropped), bpg-tunnel (ssh -L): \
+         {bpg_during:.0} ({ssh_during:.0}) queries/s against {bpg_before:.0} ({ssh_before:.0}) before, \
+         {:.0} % ({:.0} %) kept; longest stall {bpg_stall:?} ({ssh_stall:?}); {} ({}) queries failed",
+        bpg_kept * 100.0,
+        ssh_kept * 100.0,
         failed[0],
         failed[1],
-        bpg_during / ssh_during
     );
+    assert!(dropped > 100, "the loss dropped only {dropped} packets");
     wait_resumed(&bpg);
     // Errors only if a query times out (the load's bound is 10 s): none here.
     assert_eq!(failed[0], 0);
@@ -273,12 +295,12 @@ fn sshd_down_connects_are_refused_backoff_stays_within_its_cap_and_serving_resum
     load.wait_progress(200, T).expect("the load runs");
     lab.sshd.stop();
     std::thread::sleep(length);
-    let attempts = tunnel.count("event=ssh-connecting");
     lab.sshd.restart();
     let back = Instant::now();
-    // The next attempt comes within the cap; from it, serving takes a handshake.
-    tunnel.wait_for_nth(&["event=ssh-connecting"], attempts + 1, T);
-    let attempt = back.elapsed();
+    // The next try that finds sshd listening comes within the cap, and a handshake later the
+    // session is up. (A try while sshd was still starting is refused like the others.)
+    tunnel.wait_for_nth(&["event=ssh-connected"], 2, T);
+    let reconnected = back.elapsed();
     wait_resumed(&load);
     let resumed = back.elapsed();
     let lines = tunnel.lines();
@@ -293,15 +315,18 @@ fn sshd_down_connects_are_refused_backoff_stays_within_its_cap_and_serving_resum
         .count();
     eprintln!(
         "sshd down {length:?}: {refused} connects refused, reconnect delays {delays:?} ms (cap {cap:?}); \
-         next attempt {attempt:?} and served again {resumed:?} after it returned"
+         a session {reconnected:?} and queries {resumed:?} after it returned"
     );
     assert!(refused >= 2, "{lines:#?}");
     assert!(
         delays.iter().all(|delay| *delay <= cap.as_millis() as u64),
         "{delays:?}"
     );
-    assert!(attempt < cap + Duration::from_millis(200), "{attempt:?}");
-    assert!(resumed - attempt < Duration::from_secs(1), "{resumed:?}");
+    assert!(
+        reconnected < cap + Duration::from_secs(1),
+        "{reconnected:?}"
+    );
+    assert!(resumed < cap + Duration::from_millis(1500), "{resumed:?}");
 }
 
 #[test]
@@ -437,8 +462,9 @@ impl Unanswering {
 /// Heroku's shutdown in the middle of each fault: the dyno (a bash app that drains for 1 s
 /// after SIGTERM, with the daemon started the profile.d way) and the daemon get SIGTERM while
 /// the fault is on and 16 clients are connected. The drain rules must hold as without a fault:
-/// the daemon serves until the app exits, then gives open connections the grace (2 s) and
-/// leaves within the stop bound (3 s), long before the drain deadline (10 s here).
+/// the daemon serves (where the fault lets anything through) until the app exits, then gives
+/// open connections the grace (2 s), cuts what is left and leaves without running into the
+/// stop bound (3 s), long before the drain deadline (10 s here).
 #[test]
 fn a_sigterm_during_each_fault_drains_and_the_daemon_leaves_after_the_app() {
     let _one = one_at_a_time();
@@ -522,6 +548,13 @@ fn a_sigterm_during_each_fault_drains_and_the_daemon_leaves_after_the_app() {
             libc::kill(-dyno.pid(), libc::SIGTERM);
             libc::kill(daemon, libc::SIGTERM);
         }
+        // Where the fault leaves a way through, the drain keeps serving it until the app is gone.
+        let serving = matches!(
+            fault,
+            Fault::SessionKilled | Fault::Latency | Fault::Loss | Fault::OutOfDescriptors
+        );
+        let served_in_drain =
+            serving.then(|| load.wait_progress(CLIENTS as u64, Duration::from_millis(900)));
         dyno.wait_exit(T).expect("the app exits");
         let app_exited = dyno.exited_at().unwrap();
         wait_gone(daemon, T).expect("the daemon leaves");
@@ -535,7 +568,13 @@ fn a_sigterm_during_each_fault_drains_and_the_daemon_leaves_after_the_app() {
             app_exited - signalled
         );
         figures.push((fault, after_app));
-        // It drained (kept serving) until the app exited, whatever the fault did meanwhile.
+        if let Some(served) = served_in_drain {
+            assert!(
+                served.is_some(),
+                "{fault:?}: nothing served during the drain"
+            );
+        }
+        // It drained until the app exited (not until a deadline), whatever the fault did.
         for event in ["event=drain-started", "event=owner-exited"] {
             assert!(
                 lines.iter().any(|line| line.contains(event)),
@@ -713,6 +752,11 @@ fn soak_under_pgbench_with_the_session_killed_every_30s_leaks_nothing() {
     );
     let (db, _relay, tunnel) = through_relay(&lab);
     let pid = tunnel.pid();
+    // Idle, after one connection has set up what every later one reuses.
+    let status = support::psql(&db, &["select 1"]).output().unwrap().status;
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_fds = open_fds(pid);
     let pgbench = Pgbench::start(db.writer_port, 8, 200);
     let totals = pgbench.totals();
     let started = Instant::now();
@@ -731,15 +775,16 @@ fn soak_under_pgbench_with_the_session_killed_every_30s_leaks_nothing() {
             totals
                 .transactions
                 .load(std::sync::atomic::Ordering::Relaxed),
-            totals
-                .aborted_runs
-                .load(std::sync::atomic::Ordering::Relaxed),
+            totals.cut_short.load(std::sync::atomic::Ordering::Relaxed),
         )
     };
     while started.elapsed() < length {
         let now = started.elapsed();
         if now >= next_kill {
-            lab.sshd.signal_sessions(libc::SIGKILL);
+            assert!(
+                lab.sshd.signal_sessions(libc::SIGKILL) > 0,
+                "no session to kill"
+            );
             kills += 1;
             next_kill += Duration::from_secs(30);
         }
@@ -751,26 +796,34 @@ fn soak_under_pgbench_with_the_session_killed_every_30s_leaks_nothing() {
     }
     samples.push(sample(length));
     let totals = pgbench.finish();
-    let runs = totals.runs.load(std::sync::atomic::Ordering::Relaxed);
-    let aborted = totals
-        .aborted_runs
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let transactions = totals
-        .transactions
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let load =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+    let (runs, cut_short, failed, transactions) = (
+        load(&totals.runs),
+        load(&totals.cut_short),
+        load(&totals.failed),
+        load(&totals.transactions),
+    );
+    let settling = Instant::now();
+    while open_fds(pid) > idle_fds && settling.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fds_after = open_fds(pid);
     eprintln!(
-        "soak, {kills} sessions killed; pgbench: {transactions} transactions in {runs} runs, {aborted} cut short"
+        "soak, {kills} sessions killed; pgbench: {transactions} transactions in {runs} runs, \
+         {cut_short} cut short, {failed} failed; descriptors {idle_fds} idle before, {fds_after} after"
     );
     eprintln!("     s  RSS MB  fds  CPU s  transactions  runs cut short");
-    for (secs, rss, fds, cpu, transactions, aborted) in &samples {
+    for (secs, rss, fds, cpu, transactions, cut_short) in &samples {
         eprintln!(
-            "  {secs:>4} {:>7.1} {fds:>4} {:>6.1} {transactions:>13} {aborted:>5}",
+            "  {secs:>4} {:>7.1} {fds:>4} {:>6.1} {transactions:>13} {cut_short:>5}",
             *rss as f64 / 1e6,
             cpu.as_secs_f64()
         );
     }
-    // The 1-minute mark (or, in a shorter run, the first sample after its first third, past
-    // the warm-up) against the end.
+    // Resident memory: the 1-minute mark (or, in a shorter run, the first sample after its
+    // first third, past the warm-up) against the end. Descriptors: idle before and after, since
+    // a sample may fall between two pgbench runs.
     let reference = samples
         .iter()
         .find(|(secs, ..)| *secs >= (length.as_secs() / 3).min(60))
@@ -783,16 +836,15 @@ fn soak_under_pgbench_with_the_session_killed_every_30s_leaks_nothing() {
         last.1
     );
     assert!(
-        last.2 <= reference.2,
-        "descriptors grew from {} to {}",
-        reference.2,
-        last.2
+        fds_after <= idle_fds,
+        "descriptors grew from {idle_fds} to {fds_after}"
     );
     assert!(tunnel.lines().iter().all(|line| !line.contains("panicked")));
-    // Only the runs a kill cut short.
+    // Each kill replaced the session, and cut short only the run it hit.
+    assert_eq!(tunnel.count("event=ssh-connected"), kills + 1);
     assert!(
-        aborted <= kills,
-        "{aborted} runs cut short by {kills} kills"
+        cut_short + failed <= kills as u64,
+        "{cut_short} runs cut short and {failed} failed with {kills} kills"
     );
     assert!(
         transactions > length.as_secs() * 100,

@@ -391,3 +391,56 @@ fn the_tests_api_ca_is_trusted_by_test_builds_only() {
     assert!(api.requests().is_empty(), "the token reached the fake API");
     assert_no_token(&tunnel.lines());
 }
+
+/// `bpg-tunnel check` on a private-app add-on; (exit code, stdout, stderr).
+fn check(vars: &BTreeMap<String, String>) -> (i32, String, String) {
+    let output = std::process::Command::new(support::tunnel_binary())
+        .arg("check")
+        .env_clear()
+        .envs(vars)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    );
+    eprintln!("{stdout}{stderr}");
+    (output.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+#[test]
+fn check_registers_under_its_own_id_removes_it_and_names_a_refused_token() {
+    let api = FakeApi::start();
+    let state = tempfile::tempdir().unwrap();
+    let vars = private_app(&api, "DATABASE", state.path());
+    let (code, stdout, stderr) = check(&vars);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("DATABASE (DATABASE_TUNNEL_BPG_CONN_INFO, private-app-tunnel)"));
+    for step in ["✓ config", "✓ api", "✓ token"] {
+        assert!(stdout.contains(step), "{stdout}");
+    }
+    // Its own id: a daemon's registration on the same dyno is not the one removed.
+    let check_id = format!("web.1_{}_check", boot_id());
+    let requests = api.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].method, "POST");
+    assert!(requests[0].body.contains(&check_id), "{}", requests[0].body);
+    assert_eq!(requests[1].method, "DELETE");
+    assert_eq!(
+        requests[1].path,
+        format!("{}/{check_id}", tunnels_path("DATABASE"))
+    );
+    assert_no_token(&[stdout, stderr]);
+
+    api.set_default(Reply::Status(401));
+    let (code, stdout, stderr) = check(&vars);
+    assert_eq!(code, 1);
+    assert!(stdout.contains("✓ api"), "{stdout}");
+    let refused = stdout
+        .lines()
+        .find(|line| line.contains("✗ token"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(refused.contains("401"), "{refused}");
+    assert!(stdout.contains("refused CLIENT_APP_JWT"), "{stdout}");
+    assert_no_token(&[stdout, stderr]);
+}

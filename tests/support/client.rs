@@ -207,8 +207,10 @@ pub struct Pgbench {
 pub struct PgbenchTotals {
     /// Transactions committed, as the runs reported them.
     pub transactions: AtomicU64,
-    /// Runs that ended with clients aborted (pgbench's exit status 2).
-    pub aborted_runs: AtomicU64,
+    /// Runs that lost clients to a broken connection (pgbench's exit status 2).
+    pub cut_short: AtomicU64,
+    /// Runs that could not start (any other failure).
+    pub failed: AtomicU64,
     pub runs: AtomicU64,
 }
 
@@ -241,7 +243,9 @@ impl Pgbench {
         let (stop2, totals2) = (stop.clone(), totals.clone());
         let thread = std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
-                let output = Command::new("pgbench")
+                let mut pgbench = Command::new("pgbench");
+                super::die_with_parent(&mut pgbench);
+                let output = pgbench
                     .args(["-n", "-T", "5", "-R", &rate.to_string()])
                     .args(["-c", &clients.to_string(), "-j", "2"])
                     .args(["-h", "127.0.0.1", "-p", &port.to_string()])
@@ -259,8 +263,16 @@ impl Pgbench {
                     .unwrap_or(0);
                 totals2.transactions.fetch_add(processed, Ordering::Relaxed);
                 totals2.runs.fetch_add(1, Ordering::Relaxed);
-                if !output.status.success() {
-                    totals2.aborted_runs.fetch_add(1, Ordering::Relaxed);
+                match output.status.code() {
+                    Some(0) => {}
+                    Some(2) => {
+                        totals2.cut_short.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        totals2.failed.fetch_add(1, Ordering::Relaxed);
+                        // Not a spawn loop while the way to the database is broken.
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                 }
             }
         });

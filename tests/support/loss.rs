@@ -12,13 +12,14 @@ pub struct PacketLoss {
 impl PacketLoss {
     /// Drops `percent` % of the packets to and from 127.0.0.1:`port`, from now until dropped.
     pub fn start(port: u16, percent: u8) -> PacketLoss {
+        remove_orphans();
         let table = format!("bpg_tunnel_loss_{}_{port}", std::process::id());
         let rules = format!(
             "table inet {table} {{
                 chain out {{
                     type filter hook output priority 0; policy accept;
-                    tcp dport {port} numgen random mod 100 < {percent} drop
-                    tcp sport {port} numgen random mod 100 < {percent} drop
+                    tcp dport {port} numgen random mod 100 < {percent} counter drop
+                    tcp sport {port} numgen random mod 100 < {percent} counter drop
                 }}
             }}"
         );
@@ -29,11 +30,56 @@ impl PacketLoss {
     }
 }
 
+impl PacketLoss {
+    /// How many packets the rules have dropped so far.
+    pub fn dropped(&self) -> u64 {
+        let listing = Command::new(nft())
+            .args(["list", "table", "inet", &self.table])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&listing.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|pair| pair[0] == "packets")
+            .filter_map(|pair| pair[1].parse::<u64>().ok())
+            .sum()
+    }
+}
+
 impl Drop for PacketLoss {
     fn drop(&mut self) {
-        let _ = Command::new(nft())
+        let deleted = Command::new(nft())
             .args(["delete", "table", "inet", &self.table])
             .status();
+        if !deleted.as_ref().is_ok_and(|status| status.success()) {
+            eprintln!("could not delete nft table {}: {deleted:?}", self.table);
+        }
+    }
+}
+
+/// Tables left by a test process that was killed before it could drop them: they would go on
+/// dropping packets on a port a later test may be given.
+fn remove_orphans() {
+    let Ok(listing) = Command::new(nft()).args(["list", "tables"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&listing.stdout).lines() {
+        let Some(table) = line.strip_prefix("table inet ") else {
+            continue;
+        };
+        let Some(pid) = table
+            .strip_prefix("bpg_tunnel_loss_")
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !super::process_alive(pid) {
+            let _ = Command::new(nft())
+                .args(["delete", "table", "inet", table])
+                .status();
+        }
     }
 }
 

@@ -1,0 +1,294 @@
+//! `bpg-tunnel check` against the lab: what a user running it on a dyno (`heroku run
+//! bpg-tunnel check`) reads, for an add-on that works and for each way one breaks.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use support::{KeyKind, Tunnel};
+
+struct Checked {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Checked {
+    /// The report's line for `step` with its mark (`✓` or `✗`), or a panic showing the report.
+    fn line(&self, mark: &str, step: &str) -> &str {
+        self.stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{mark} {step} ")))
+            .unwrap_or_else(|| panic!("no {mark} {step} line in:\n{}", self.stdout))
+    }
+
+    fn steps(&self) -> Vec<String> {
+        self.stdout
+            .lines()
+            .filter_map(|line| {
+                let line = line.trim_start();
+                let rest = line.strip_prefix("✓ ").or(line.strip_prefix("✗ "))?;
+                Some(rest.split_whitespace().next()?.to_owned())
+            })
+            .collect()
+    }
+}
+
+/// `bpg-tunnel check ARGS` with `vars` as its whole environment (and PATH).
+fn check(vars: &BTreeMap<String, String>, args: &[&str]) -> Checked {
+    let output = Command::new(support::tunnel_binary())
+        .arg("check")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(vars)
+        .output()
+        .expect("run bpg-tunnel check");
+    let checked = Checked {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8(output.stdout).unwrap(),
+        stderr: String::from_utf8(output.stderr).unwrap(),
+    };
+    eprintln!("{}{}", checked.stdout, checked.stderr);
+    checked
+}
+
+/// The lab's secrets, none of which may appear in anything `check` prints.
+fn assert_no_secret(lab: &support::Lab, checked: &Checked) {
+    let key_body: Vec<&str> = lab.client_key.private.lines().skip(1).take(3).collect();
+    for secret in key_body
+        .iter()
+        .copied()
+        .chain([support::DB_PASSWORD, "s3cr"])
+    {
+        for output in [&checked.stdout, &checked.stderr] {
+            assert!(!output.contains(secret), "secret {secret:?} in:\n{output}");
+        }
+    }
+}
+
+const EVERY_STEP: [&str; 10] = [
+    "config",
+    "dns",
+    "tcp",
+    "handshake",
+    "host-key",
+    "key-accepted",
+    "channel",
+    "postgres",
+    "channel",
+    "postgres",
+];
+
+#[test]
+fn a_working_addon_passes_every_step_writer_and_reader() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let checked = check(&db.vars, &[]);
+    assert_eq!(checked.code, 0);
+    assert_eq!(checked.steps(), EVERY_STEP);
+    assert!(checked
+        .stdout
+        .starts_with("DATABASE (DATABASE_TUNNEL_BPG_CONN_INFO, ssh-tunnel)\n"));
+    assert!(checked.line("✓", "config").contains(&format!(
+        "writer 127.0.0.1:{} -> 127.0.0.1:{}",
+        db.writer_port, lab.pg.port
+    )));
+    assert!(checked.line("✓", "host-key").contains("SHA256:"));
+    let postgres: Vec<&str> = checked
+        .stdout
+        .lines()
+        .filter(|line| line.contains("✓ postgres"))
+        .collect();
+    assert!(
+        postgres[0].contains("writer: PostgreSQL answered"),
+        "{postgres:?}"
+    );
+    assert!(
+        postgres[1].contains("reader: PostgreSQL answered"),
+        "{postgres:?}"
+    );
+    assert!(checked.stdout.ends_with("every add-on passes (1)\n"));
+    assert!(checked.stderr.is_empty(), "{}", checked.stderr);
+    assert_no_secret(&lab, &checked);
+}
+
+#[test]
+fn json_says_the_same_for_scripts() {
+    let Some(lab) = support::lab() else { return };
+    let mut db = lab.attachment("DATABASE");
+    let impostor = lab.sshd.new_client_key(KeyKind::Ed25519);
+    db.set_conn_info("SSH_PUBLIC_HOST_KEY", &impostor.public);
+    for (vars, ok) in [(lab.attachment("DATABASE").vars, true), (db.vars, false)] {
+        let checked = check(&vars, &["--json"]);
+        let report: serde_json::Value =
+            serde_json::from_str(&checked.stdout).expect("one JSON document");
+        assert_eq!(report["ok"], ok);
+        assert_eq!(checked.code, if ok { 0 } else { 1 });
+        let addon = &report["addons"][0];
+        assert_eq!(addon["addon"], "DATABASE");
+        assert_eq!(addon["var"], "DATABASE_TUNNEL_BPG_CONN_INFO");
+        assert_eq!(addon["mode"], "ssh-tunnel");
+        let steps = addon["steps"].as_array().unwrap();
+        let last = steps.last().unwrap();
+        if ok {
+            assert_eq!(steps.len(), EVERY_STEP.len());
+            assert!(steps
+                .iter()
+                .all(|step| step["ok"] == true && step["advice"].is_null()));
+            assert!(steps[2]["ms"].is_u64());
+        } else {
+            assert_eq!(last["step"], "host-key");
+            assert_eq!(last["ok"], false);
+            assert!(last["advice"]
+                .as_str()
+                .unwrap()
+                .contains("SSH_PUBLIC_HOST_KEY"));
+        }
+        assert_no_secret(&lab, &checked);
+    }
+}
+
+#[test]
+fn it_runs_beside_a_tunnel_serving_the_same_ports() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let tunnel = Tunnel::spawn(db.vars.iter(), &[]);
+    tunnel.wait_for(&["event=ssh-connected"], std::time::Duration::from_secs(30));
+    let checked = check(&db.vars, &[]);
+    assert_eq!(checked.code, 0);
+    // And the tunnel still serves.
+    let status = support::psql(&db, &["select 1"]).output().unwrap().status;
+    assert!(status.success());
+}
+
+#[test]
+fn a_wrong_host_key_stops_at_host_key_with_both_fingerprints_and_never_offers_the_key() {
+    let Some(lab) = support::lab() else { return };
+    let mut db = lab.attachment("DATABASE");
+    let impostor = lab.sshd.new_client_key(KeyKind::Ed25519);
+    db.set_conn_info("SSH_PUBLIC_HOST_KEY", &impostor.public);
+    let checked = check(&db.vars, &[]);
+    assert_eq!(checked.code, 1);
+    assert_eq!(
+        checked.steps(),
+        ["config", "dns", "tcp", "handshake", "host-key"]
+    );
+    let line = checked.line("✗", "host-key");
+    assert_eq!(line.matches("SHA256:").count(), 2, "{line}");
+    assert!(checked
+        .stdout
+        .contains("what to do: the server's host key is not SSH_PUBLIC_HOST_KEY"));
+    assert!(checked.stdout.ends_with("1 of 1 add-ons fail\n"));
+    assert!(!lab.sshd.log().contains("Accepted publickey"));
+    assert_no_secret(&lab, &checked);
+}
+
+#[test]
+fn a_rejected_key_stops_at_key_accepted() {
+    let Some(lab) = support::lab() else { return };
+    let mut db = lab.attachment("DATABASE");
+    let stranger = lab.sshd.new_client_key(KeyKind::Ed25519);
+    db.set_conn_info("SSH_USER_PRIVATE_KEY", &stranger.private);
+    let checked = check(&db.vars, &[]);
+    assert_eq!(checked.code, 1);
+    assert_eq!(checked.steps().last().unwrap(), "key-accepted");
+    assert!(checked
+        .line("✗", "key-accepted")
+        .contains("rejected SSH_USER_PRIVATE_KEY (ssh-ed25519)"));
+    assert!(checked.line("✓", "host-key").contains("matches"));
+    let key_body: Vec<&str> = stranger.private.lines().skip(1).take(3).collect();
+    for secret in key_body {
+        assert!(!checked.stdout.contains(secret));
+    }
+}
+
+#[test]
+fn sshd_down_stops_at_tcp_connection_refused() {
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    lab.sshd.stop();
+    let db = lab.attachment("DATABASE");
+    let checked = check(&db.vars, &[]);
+    assert_eq!(checked.code, 1);
+    assert_eq!(checked.steps(), ["config", "dns", "tcp"]);
+    let line = checked.line("✗", "tcp");
+    assert!(
+        line.contains(&format!("127.0.0.1:{}", lab.sshd.port)),
+        "{line}"
+    );
+    assert!(line.to_lowercase().contains("refused"), "{line}");
+}
+
+#[test]
+fn a_database_port_closed_behind_the_server_stops_at_channel_naming_it() {
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    lab.pg.stop();
+    let db = lab.attachment("DATABASE");
+    let checked = check(&db.vars, &[]);
+    assert_eq!(checked.code, 1);
+    assert_eq!(checked.steps().last().unwrap(), "channel");
+    let line = checked.line("✗", "channel");
+    assert!(
+        line.contains(&format!(
+            "writer: the SSH server refused to open a channel to 127.0.0.1:{}",
+            lab.pg.port
+        )),
+        "{line}"
+    );
+    assert!(checked.stdout.contains("the database may be down"));
+}
+
+#[test]
+fn a_broken_config_fails_at_config_naming_the_variable_and_the_others_are_still_checked() {
+    let Some(lab) = support::lab() else { return };
+    let mut db = lab.attachment("DATABASE");
+    db.set(
+        "BROKEN_TUNNEL_BPG_CONN_INFO",
+        format!(
+            "SSH_HOST:=127.0.0.1|SSH_USER_PRIVATE_KEY:={}",
+            "x".repeat(10)
+        ),
+    );
+    db.set(
+        "BROKEN_URL",
+        "postgres://u:hunter2-secret@pg-tunnel.borealis-data.com:1/db",
+    );
+    db.set("BPG_TUNNEL_CONNECT_TIMEOUT", "soon");
+    let checked = check(&db.vars, &[]);
+    assert_eq!(checked.code, 1);
+    assert!(checked
+        .stdout
+        .contains("BROKEN (BROKEN_TUNNEL_BPG_CONN_INFO, unusable)\n"));
+    let line = checked.line("✗", "config");
+    assert!(line.contains("BROKEN_TUNNEL_BPG_CONN_INFO"), "{line}");
+    assert!(checked
+        .stdout
+        .contains("what to do: the add-on sets BROKEN_TUNNEL_BPG_CONN_INFO"));
+    // The working add-on is checked all the same.
+    assert!(checked
+        .stdout
+        .contains("DATABASE (DATABASE_TUNNEL_BPG_CONN_INFO, ssh-tunnel)"));
+    assert!(checked.stdout.ends_with("1 of 2 add-ons fail\n"));
+    // The bad setting is said on stderr, beside the report, and the default used.
+    assert!(checked
+        .stderr
+        .contains("event=setting-invalid var=BPG_TUNNEL_CONNECT_TIMEOUT"));
+    for secret in ["xxxxxxxxxx", "hunter2-secret"] {
+        assert!(!checked.stdout.contains(secret) && !checked.stderr.contains(secret));
+    }
+}
+
+#[test]
+fn nothing_attached_says_so_and_fails() {
+    let checked = check(&BTreeMap::new(), &[]);
+    assert_eq!(checked.code, 1);
+    assert_eq!(
+        checked.stdout,
+        "no *_TUNNEL_BPG_CONN_INFO variable is set: nothing to check\n"
+    );
+}
