@@ -8,15 +8,23 @@
 //! all within a bound. Launch forms (`lifecycle/`) decide *when*; this module decides *how*.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{self, Discovery, Severity};
+use crate::config::{self, Discovery, Forward, Severity};
 use crate::forwarder::{ForwarderSettings, Listener};
+use crate::health::Health;
+use crate::metrics;
 use crate::private_app::{self, Registration, RegistrationSettings};
+use crate::ssh::ChannelError;
+use crate::stats::{Phase, Stats};
+use crate::status::StatusSocket;
 use crate::supervisor::{SessionSlot, Supervisor, SupervisorSettings};
 
 /// How long stopping may take once connections are cut (room for a private-app deregistration):
@@ -29,6 +37,18 @@ pub struct EngineSettings {
     pub supervisor: SupervisorSettings,
     pub forwarder: ForwarderSettings,
     pub registration: RegistrationSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+/// How the engine tells how it is doing; see [`crate::options::Options`].
+#[derive(Debug, Clone)]
+pub struct TelemetrySettings {
+    /// How often a metrics line per add-on is logged; zero for never.
+    pub metrics_interval: Duration,
+    /// Where the HTTP health and metrics endpoint listens, if anywhere.
+    pub health_addr: Option<SocketAddr>,
+    /// Where `status` finds the status socket, if not in the default places.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// How to stop, as a launch form's [`Trigger`] decides.
@@ -93,7 +113,12 @@ pub async fn start(settings: &EngineSettings) -> Option<Running> {
         }
         return None;
     }
-    Some(tunnels.start(settings.forwarder))
+    // After the app's listeners: those come first.
+    let health = match settings.telemetry.health_addr {
+        Some(addr) => Health::bind(addr).await,
+        None => None,
+    };
+    Some(tunnels.start(settings, health))
 }
 
 fn report(discovery: &Discovery) {
@@ -124,17 +149,16 @@ struct Tunnels {
     /// Each listener with the index of its add-on's supervisor.
     listeners: Vec<(usize, Listener)>,
     registrations: Vec<Registration>,
+    /// Each add-on's forwards, for the readiness probe.
+    forwards: Vec<Vec<Forward>>,
+    stats: Arc<Stats>,
 }
 
 impl Tunnels {
     /// Binds every listener of every add-on. A listener that cannot be bound is reported and
     /// skipped; the rest still serve.
     async fn bind(discovery: Discovery, settings: &EngineSettings) -> Tunnels {
-        let mut tunnels = Tunnels {
-            supervisors: Vec::new(),
-            listeners: Vec::new(),
-            registrations: Vec::new(),
-        };
+        let mut registrations = Vec::new();
         if !discovery.private_apps.is_empty() {
             let (client_id, fallback) = private_app::client_id();
             if let Some(fallback) = fallback {
@@ -144,7 +168,7 @@ impl Tunnels {
                 match Registration::new(app, &client_id, &settings.registration) {
                     Ok(registration) => {
                         info!(event = "private-tunnel-mode", addon = %app.name, api = %app.api_base_url);
-                        tunnels.registrations.push(registration);
+                        registrations.push(registration);
                     }
                     Err(setup_error) => {
                         error!(event = "config-error", addon = %app.name, var = %app.conn_info_var, error = %setup_error)
@@ -152,8 +176,10 @@ impl Tunnels {
                 }
             }
         }
+        let mut served = Vec::new();
         for addon in discovery.addons {
             let mut bound = Vec::new();
+            let mut forwards = Vec::new();
             for forward in &addon.forwards {
                 match Listener::bind(&addon.name, forward).await {
                     Ok(listener) => {
@@ -166,6 +192,7 @@ impl Tunnels {
                             target = %config::host_port(&forward.remote_host, forward.remote_port)
                         );
                         bound.push(listener);
+                        forwards.push(forward.clone());
                     }
                     Err(bind_error) => error!(
                         event = "listen-failed",
@@ -177,16 +204,37 @@ impl Tunnels {
                     ),
                 }
             }
-            if bound.is_empty() {
-                continue;
+            if !bound.is_empty() {
+                served.push((addon, bound, forwards));
             }
+        }
+        let stats = Arc::new(Stats::new(
+            &served
+                .iter()
+                .map(|(addon, _, _)| (addon.name.clone(), addon.ssh.address()))
+                .collect::<Vec<_>>(),
+            &registrations
+                .iter()
+                .map(|r| r.addon_name().to_owned())
+                .collect::<Vec<_>>(),
+        ));
+        let mut tunnels = Tunnels {
+            supervisors: Vec::new(),
+            listeners: Vec::new(),
+            registrations,
+            forwards: Vec::new(),
+            stats,
+        };
+        for (addon, bound, forwards) in served {
             let index = tunnels.supervisors.len();
+            let stats = tunnels.stats.addon(&addon.name).expect("counted above");
             tunnels
                 .supervisors
-                .push(Supervisor::new(addon, settings.supervisor.clone()));
+                .push(Supervisor::new(addon, settings.supervisor.clone(), stats));
             tunnels
                 .listeners
                 .extend(bound.into_iter().map(|listener| (index, listener)));
+            tunnels.forwards.push(forwards);
         }
         tunnels
     }
@@ -195,8 +243,8 @@ impl Tunnels {
         self.listeners.is_empty() && self.registrations.is_empty()
     }
 
-    /// Starts accepting, connecting and registering.
-    fn start(self, forwarder: ForwarderSettings) -> Running {
+    /// Starts accepting, connecting and registering, and telling how it goes.
+    fn start(self, settings: &EngineSettings, health: Option<Health>) -> Running {
         let running = Running {
             stop_accepting: CancellationToken::new(),
             shutdown: CancellationToken::new(),
@@ -205,32 +253,63 @@ impl Tunnels {
             sessions: self
                 .supervisors
                 .iter()
-                .map(|s| (s.addon_name().to_owned(), s.sessions()))
+                .zip(self.forwards)
+                .map(|(s, forwards)| (s.addon_name().to_owned(), s.sessions(), forwards))
                 .collect(),
             registrations: self
                 .registrations
                 .iter()
                 .map(|r| (r.addon_name().to_owned(), r.registered()))
                 .collect(),
+            stats: self.stats,
         };
         for registration in self.registrations {
+            let stats = running
+                .stats
+                .registration(registration.addon_name())
+                .expect("counted when bound");
             running
                 .tasks
-                .spawn(registration.run(running.shutdown.clone()));
+                .spawn(registration.run(running.shutdown.clone(), stats));
         }
         for (index, listener) in self.listeners {
-            running.tasks.spawn(listener.serve(
-                self.supervisors[index].sessions(),
-                forwarder,
-                running.stop_accepting.clone(),
-                running.shutdown.clone(),
-                running.connections.clone(),
-            ));
+            let supervisor = &self.supervisors[index];
+            running.tasks.spawn(
+                listener.serve(
+                    supervisor.sessions(),
+                    running
+                        .stats
+                        .addon(supervisor.addon_name())
+                        .expect("counted when bound"),
+                    settings.forwarder,
+                    running.stop_accepting.clone(),
+                    running.shutdown.clone(),
+                    running.connections.clone(),
+                ),
+            );
         }
         for supervisor in self.supervisors {
             running
                 .tasks
                 .spawn(supervisor.run(running.shutdown.clone()));
+        }
+        let telemetry = &settings.telemetry;
+        if !telemetry.metrics_interval.is_zero() {
+            running.tasks.spawn(metrics::log_every(
+                telemetry.metrics_interval,
+                running.stats.clone(),
+                running.shutdown.clone(),
+            ));
+        }
+        if let Some(health) = health {
+            running
+                .tasks
+                .spawn(health.serve(running.stats.clone(), running.shutdown.clone()));
+        }
+        if let Some(socket) = StatusSocket::bind(telemetry.state_dir.as_deref()) {
+            running
+                .tasks
+                .spawn(socket.serve(running.stats.clone(), running.shutdown.clone()));
         }
         running.tasks.close();
         running
@@ -250,21 +329,21 @@ pub struct Running {
     shutdown: CancellationToken,
     connections: TaskTracker,
     tasks: TaskTracker,
-    sessions: Vec<(String, SessionSlot)>,
+    /// Each add-on's session and the forwards the readiness probe opens a channel for.
+    sessions: Vec<(String, SessionSlot, Vec<Forward>)>,
     registrations: Vec<(String, tokio::sync::watch::Receiver<bool>)>,
+    stats: Arc<Stats>,
 }
 
 impl Running {
-    /// Waits until every add-on has a session (or, in private-app-tunnel mode, a registration),
-    /// or `timeout`, and logs which it was.
+    /// Waits until every add-on's SSH server has opened a channel to each of its databases (or,
+    /// in private-app-tunnel mode, the dyno is registered), or `timeout`, and logs which it was.
     pub async fn ready(&self, timeout: Duration) -> Result<(), NotReady> {
         let started = tokio::time::Instant::now();
         let deadline = started + timeout;
         let mut not_ready = Vec::new();
-        for (name, slot) in &self.sessions {
-            let mut slot = slot.clone();
-            let ready = tokio::time::timeout_at(deadline, slot.wait_for(Option::is_some)).await;
-            if !matches!(ready, Ok(Ok(_))) {
+        for (name, slot, forwards) in &self.sessions {
+            if !databases_reachable(name, slot.clone(), forwards, deadline).await {
                 not_ready.push(name.clone());
             }
         }
@@ -276,6 +355,7 @@ impl Running {
             }
         }
         let ms = started.elapsed().as_millis() as u64;
+        self.stats.advance(Phase::Serving);
         if not_ready.is_empty() {
             info!(event = "ready", ms);
             Ok(())
@@ -296,7 +376,9 @@ impl Running {
 
     /// Serves until `trigger` says to stop, then stops as it says.
     pub async fn serve(self, trigger: &mut impl Trigger) -> Stopped {
-        let grace = match trigger.stop(&self).await {
+        let stop = trigger.stop(&self).await;
+        self.stats.advance(Phase::Stopping);
+        let grace = match stop {
             Stop::Gracefully { grace } => grace,
             Stop::Now => return Stopped::Aborted,
         };
@@ -339,4 +421,77 @@ impl Running {
             warn!(event = "stop-timeout", ms = STOP_TIMEOUT.as_millis() as u64);
         }
     }
+}
+
+/// How often the readiness probe tries again a database the SSH server could not reach.
+const PROBE_RETRY: Duration = Duration::from_millis(500);
+
+/// Whether, by `deadline`, a session of this add-on opened a channel to each of `forwards`'
+/// databases: an SSH session alone does not mean the app's first query can be answered. The
+/// first failure per database is logged as an error naming it; the channels opened are closed
+/// at once, before anything is sent (PostgreSQL logs nothing for such a connection).
+async fn databases_reachable(
+    addon: &str,
+    mut slot: SessionSlot,
+    forwards: &[Forward],
+    deadline: tokio::time::Instant,
+) -> bool {
+    let mut reached = vec![false; forwards.len()];
+    let mut said = vec![false; forwards.len()];
+    while reached.contains(&false) {
+        let ready =
+            |s: &Option<Arc<crate::ssh::Session>>| s.as_ref().is_some_and(|s| !s.is_closed());
+        let session = match tokio::time::timeout_at(deadline, slot.wait_for(ready)).await {
+            Ok(Ok(session)) => session.clone().expect("wait_for guarantees Some"),
+            _ => return false,
+        };
+        let mut session_gone = false;
+        for (i, forward) in forwards.iter().enumerate() {
+            if reached[i] {
+                continue;
+            }
+            let target = config::host_port(&forward.remote_host, forward.remote_port);
+            let opened = tokio::time::timeout_at(
+                deadline,
+                session.open_direct_tcpip(
+                    &forward.remote_host,
+                    forward.remote_port,
+                    forward.listen,
+                ),
+            )
+            .await;
+            match opened {
+                Ok(Ok(channel)) => {
+                    let _ = channel.close().await;
+                    reached[i] = true;
+                    if said[i] {
+                        info!(event = "database-reachable", addon, role = %forward.role, target);
+                    }
+                }
+                Ok(Err(ChannelError::SessionGone { .. })) => {
+                    session_gone = true;
+                    break;
+                }
+                Ok(Err(refused @ ChannelError::Refused { .. })) => {
+                    if !said[i] {
+                        said[i] = true;
+                        error!(event = "database-unreachable", addon, role = %forward.role, target, var = %forward.url_var, error = %refused, "the SSH session is up, but its server cannot reach the database");
+                    }
+                }
+                Err(_) => {
+                    error!(event = "database-unreachable", addon, role = %forward.role, target, var = %forward.url_var, error = "the SSH server did not manage to reach it in time", "the SSH session is up, but its server cannot reach the database");
+                    return false;
+                }
+            }
+        }
+        drop(session);
+        if !session_gone && reached.contains(&false) {
+            let next = tokio::time::Instant::now() + PROBE_RETRY;
+            if next >= deadline {
+                return false;
+            }
+            tokio::time::sleep_until(next).await;
+        }
+    }
+    true
 }

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use russh::client::Msg;
@@ -16,10 +17,11 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 
 use crate::config::Forward;
 use crate::ssh::ChannelError;
+use crate::stats::AddonStats;
 use crate::supervisor::SessionSlot;
 
 /// At most one `accept-failed` line per listener this often.
@@ -75,6 +77,7 @@ impl Listener {
     pub async fn serve(
         self,
         sessions: SessionSlot,
+        stats: Arc<AddonStats>,
         settings: ForwarderSettings,
         stop_accepting: CancellationToken,
         shutdown: CancellationToken,
@@ -95,6 +98,7 @@ impl Listener {
                         addon: self.addon.clone(),
                         forward: self.forward.clone(),
                         peer,
+                        stats: stats.clone(),
                     };
                     connections.spawn(connection.run(
                         stream,
@@ -123,6 +127,7 @@ struct Connection {
     addon: String,
     forward: Forward,
     peer: SocketAddr,
+    stats: Arc<AddonStats>,
 }
 
 impl Connection {
@@ -138,12 +143,17 @@ impl Connection {
         let accepted = tokio::time::Instant::now();
         let deadline = accepted + wait_timeout;
         let (addon, role, peer) = (&self.addon, self.forward.role, self.peer);
+        let stats = &self.stats;
+        let _open = stats.connection_opened();
         debug!(event = "connection-open", addon, %role, %peer);
+        let ready = |s: &Option<_>| {
+            s.as_ref()
+                .is_some_and(|s: &Arc<crate::ssh::Session>| !s.is_closed())
+        };
+        if !ready(&sessions.borrow()) {
+            stats.waited.inc();
+        }
         loop {
-            let ready = |s: &Option<_>| {
-                s.as_ref()
-                    .is_some_and(|s: &std::sync::Arc<crate::ssh::Session>| !s.is_closed())
-            };
             let waited = tokio::select! {
                 waited = tokio::time::timeout_at(deadline, sessions.wait_for(ready)) => {
                     waited.map(|slot| slot.map(|session| session.clone()))
@@ -155,6 +165,7 @@ impl Connection {
                 // The supervisor is gone: the process is stopping.
                 Ok(Err(_)) => return,
                 Err(_) => {
+                    stats.wait_expired.inc();
                     warn!(
                         event = "connection-wait-expired",
                         addon,
@@ -168,6 +179,7 @@ impl Connection {
             };
             // Bounded: a blackholed database host makes sshd answer only when its own connect
             // fails, minutes later.
+            let opening = tokio::time::Instant::now();
             let channel = match tokio::time::timeout_at(
                 deadline,
                 session.open_direct_tcpip(
@@ -180,6 +192,7 @@ impl Connection {
             {
                 Ok(channel) => channel,
                 Err(_) => {
+                    stats.wait_expired.inc();
                     let target = crate::config::host_port(
                         &self.forward.remote_host,
                         self.forward.remote_port,
@@ -193,19 +206,23 @@ impl Connection {
             let session_closed = session.closed();
             drop(session);
             let channel = match channel {
-                Ok(channel) => channel,
+                Ok(channel) => {
+                    stats.channel_opened(opening.elapsed());
+                    channel
+                }
                 Err(ChannelError::SessionGone { .. }) => continue,
                 Err(error @ ChannelError::Refused { .. }) => {
+                    stats.refused.inc();
                     error!(event = "channel-refused", addon, %role, %peer, error = %error);
                     return;
                 }
             };
             let waited = accepted.elapsed();
             if waited >= Duration::from_millis(100) {
-                info!(event = "connection-waited", addon, %role, %peer, ms = waited.as_millis() as u64);
+                debug!(event = "connection-waited", addon, %role, %peer, ms = waited.as_millis() as u64);
             }
             let copied = tokio::select! {
-                copied = copy(stream, channel) => copied,
+                copied = copy(stream, channel, stats) => copied,
                 // A copy waiting for SSH window is not woken when the session dies.
                 () = session_closed.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the SSH session ended")),
                 () = shutdown.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "bpg-tunnel is stopping")),
@@ -228,13 +245,22 @@ impl Connection {
 /// data from the database goes from russh's own packet buffer straight to the app's socket, and
 /// the buffer for the app's data is filled only as far as the app writes. Returns the bytes
 /// sent up and down.
-async fn copy(client: TcpStream, channel: Channel<Msg>) -> io::Result<(u64, u64)> {
+async fn copy(
+    client: TcpStream,
+    channel: Channel<Msg>,
+    stats: &AddonStats,
+) -> io::Result<(u64, u64)> {
     let (client_read, client_write) = client.into_split();
     let (channel_read, channel_write) = channel.split();
     let mut sent_up = 0;
     let copied = async {
-        let up = copy_up(client_read, channel_write.make_writer(), &mut sent_up);
-        let down = copy_down(channel_read, client_write);
+        let up = copy_up(
+            client_read,
+            channel_write.make_writer(),
+            &mut sent_up,
+            stats,
+        );
+        let down = copy_down(channel_read, client_write, stats);
         tokio::pin!(up, down);
         let mut up_done = false;
         loop {
@@ -261,6 +287,7 @@ async fn copy_up(
     mut from: OwnedReadHalf,
     mut to: impl AsyncWrite + Unpin,
     sent: &mut u64,
+    stats: &AddonStats,
 ) -> io::Result<()> {
     // Reused for every read; its pages are touched only as far as the largest write.
     let mut buffer = Vec::with_capacity(UP_BUFFER);
@@ -271,6 +298,7 @@ async fn copy_up(
         }
         to.write_all(&buffer).await?;
         *sent += buffer.len() as u64;
+        stats.bytes_up.inc_by(buffer.len() as u64);
     }
 }
 
@@ -278,7 +306,11 @@ async fn copy_up(
 /// the app's side can stop too. While the app does not read, neither does this, and the server
 /// stops sending on this channel once its window is full (see `patches/russh/`). Owns the read
 /// half so that, when this ends, what is still queued is given back to the server as window.
-async fn copy_down(mut from: ChannelReadHalf, mut to: OwnedWriteHalf) -> io::Result<u64> {
+async fn copy_down(
+    mut from: ChannelReadHalf,
+    mut to: OwnedWriteHalf,
+    stats: &AddonStats,
+) -> io::Result<u64> {
     let mut received = 0;
     let mut eof = false;
     while let Some(message) = from.wait().await {
@@ -286,6 +318,7 @@ async fn copy_down(mut from: ChannelReadHalf, mut to: OwnedWriteHalf) -> io::Res
             ChannelMsg::Data { data } if !eof => {
                 to.write_all(&data).await?;
                 received += data.len() as u64;
+                stats.bytes_down.inc_by(data.len() as u64);
             }
             ChannelMsg::Eof if !eof => {
                 eof = true;

@@ -11,6 +11,10 @@
 //! - `private_app`: private-app-tunnel mode: the dyno's registration with the add-on's API.
 //! - [`check`]: `bpg-tunnel check`, which walks each add-on's path step by step and says what
 //!   is wrong.
+//! - `stats`: what the tunnels count and how they are, read by the three below.
+//! - [`status`]: the status socket the engine serves and `bpg-tunnel status`, which asks it.
+//! - `metrics`: a metrics line per add-on in l2met form, at an interval.
+//! - `health`: the optional HTTP endpoint (`/startup`, `/liveness`, `/readiness`, `/metrics`).
 //! - [`lifecycle`]: the launch forms (foreground, `start`'s daemon, `run --`): when to stop.
 //! - [`logfmt`]: one logfmt line per event on stdout.
 //!
@@ -22,11 +26,15 @@ pub mod check;
 mod config;
 mod engine;
 mod forwarder;
+mod health;
 pub mod lifecycle;
 pub mod logfmt;
+mod metrics;
 pub mod options;
 mod private_app;
 mod ssh;
+mod stats;
+pub mod status;
 mod supervisor;
 
 pub use config::conn_info::ConnInfo;

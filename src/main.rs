@@ -7,6 +7,7 @@ use bpg_tunnel::check::{self, CheckSettings};
 use bpg_tunnel::lifecycle::{self, daemon, foreground, run};
 use bpg_tunnel::logfmt::{self, Output};
 use bpg_tunnel::options::{self, Options};
+use bpg_tunnel::status::{self, StatusSettings};
 
 // musl's allocator hands freed pages back to the kernel at once, and russh allocates a buffer
 // per SSH packet: a bulk COPY spent over a quarter of its time in page faults. mimalloc keeps
@@ -58,6 +59,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the running tunnel how each add-on is doing: session, connections, bytes, last
+    /// error; exit 0 if everything is up, 1 if no tunnel runs, 2 if something is down.
+    Status {
+        /// One JSON document instead of lines for people.
+        #[arg(long)]
+        json: bool,
+    },
     #[command(name = "__daemon", hide = true)]
     Daemon {
         #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
@@ -74,9 +82,9 @@ fn main() -> ExitCode {
         .map_err(|error| error.format(&mut Cli::command()))
         .unwrap_or_else(|error| error.exit());
     let (settings, invalid) = cli.options.settings(&matches);
-    // `check` answers on stdout; its log lines (a bad setting, say) go beside it.
+    // `check` and `status` answer on stdout; their log lines (a bad setting, say) go beside it.
     let output = match cli.command {
-        Some(Command::Check { .. }) => Output::Stderr,
+        Some(Command::Check { .. } | Command::Status { .. }) => Output::Stderr,
         _ => Output::Stdout,
     };
     logfmt::init(&settings.log, output);
@@ -90,7 +98,7 @@ fn main() -> ExitCode {
                 .collect();
             options::report(&flags);
         }
-        Some(Command::Stop) => {}
+        Some(Command::Stop | Command::Status { .. }) => {}
         _ => options::report(&invalid),
     }
     let (engine, lifecycle) = (&settings.engine, &settings.lifecycle);
@@ -106,6 +114,10 @@ fn main() -> ExitCode {
             };
             with_runtime(|| check::run(&settings))
         }
+        Some(Command::Status { json }) => status::run(&StatusSettings {
+            state_dir: lifecycle.state_dir.clone(),
+            json,
+        }),
         Some(Command::Run { scrub_env, command }) => {
             with_runtime(|| run::run(engine, lifecycle, command, scrub_env))
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 
-use crate::engine::EngineSettings;
+use crate::engine::{EngineSettings, TelemetrySettings};
 use crate::forwarder::ForwarderSettings;
 use crate::lifecycle::LifecycleSettings;
 use crate::private_app::RegistrationSettings;
@@ -82,7 +82,8 @@ pub struct Options {
     )]
     auth_failure_delay: OsString,
 
-    /// `start` and `run` return (or start the app) once every tunnel is up, or after this long.
+    /// `start` and `run` return (or start the app) once every tunnel reaches its database, or
+    /// after this long.
     #[arg(
         long,
         env = "BPG_TUNNEL_READY_TIMEOUT",
@@ -151,9 +152,28 @@ pub struct Options {
     #[arg(long, env = "BPG_TUNNEL_TEST_API_CA_FILE", hide = true)]
     test_api_ca_file: Option<OsString>,
 
-    /// What to log: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`), or
-    /// `target=level` pairs separated by commas (`info,russh=debug`). The app's own RUST_LOG is
-    /// never read.
+    /// How often to log a metrics line per add-on (l2met form, see the README); 0 for never.
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_METRICS_INTERVAL",
+        default_value = "60s",
+        value_name = "DURATION"
+    )]
+    metrics_interval: OsString,
+
+    /// Serve `/startup`, `/liveness`, `/readiness` and `/metrics` over HTTP at this address
+    /// (such as 127.0.0.1:9090); `off` for no endpoint.
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_HEALTH_ADDR",
+        default_value = "off",
+        value_name = "ADDR"
+    )]
+    health_addr: OsString,
+
+    /// What to log: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`; `quiet` is
+    /// `warn`), or `target=level` pairs separated by commas (`info,russh=debug`). The app's own
+    /// RUST_LOG is never read.
     #[arg(
         long,
         env = "BPG_TUNNEL_LOG",
@@ -238,6 +258,15 @@ impl Options {
                         parse_positive_duration,
                     ),
                     test_api_ca_file: self.test_api_ca_file(&mut read),
+                },
+                telemetry: TelemetrySettings {
+                    metrics_interval: read.value(
+                        "metrics_interval",
+                        &self.metrics_interval,
+                        parse_metrics_interval,
+                    ),
+                    health_addr: read.value("health_addr", &self.health_addr, parse_health_addr),
+                    state_dir: path(&self.state_dir),
                 },
             },
             lifecycle: LifecycleSettings {
@@ -412,6 +441,9 @@ fn parse_log_filter(raw: &str) -> Result<String, String> {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     let expected = "expected a level (error, warn, info, debug, trace, off) or target=level pairs separated by commas";
     let filter = raw.trim().to_ascii_lowercase();
+    if filter == "quiet" {
+        return Ok("warn".to_owned());
+    }
     for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let (target_ok, level) = match directive.split_once('=') {
             Some((target, level)) => (
@@ -429,6 +461,31 @@ fn parse_log_filter(raw: &str) -> Result<String, String> {
         }
     }
     Ok(filter)
+}
+
+/// Zero (never), or at least a second: more often would flood the log stream.
+fn parse_metrics_interval(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d.is_zero() || d >= Duration::from_secs(1) => Ok(d),
+        _ => Err(format!(
+            "{} is too short; expected 0 (no metrics lines) or at least 1s",
+            shown(raw)
+        )),
+    }
+}
+
+/// `host:port`, or `off`.
+fn parse_health_addr(raw: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    let raw = raw.trim();
+    if raw.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    raw.parse().map(Some).map_err(|_| {
+        format!(
+            "{} is not an address; expected an IP address and port such as 127.0.0.1:9090 (0.0.0.0:9090 in a container), or off",
+            shown(raw)
+        )
+    })
 }
 
 fn parse_keepalive_count(raw: &str) -> Result<u32, String> {
@@ -625,6 +682,7 @@ mod tests {
     #[test]
     fn log_filters_are_levels_or_target_level_pairs() {
         assert_eq!(parse_log_filter("INFO"), Ok("info".to_owned()));
+        assert_eq!(parse_log_filter(" Quiet "), Ok("warn".to_owned()));
         assert_eq!(
             parse_log_filter("warn, bpg_tunnel=debug,russh::client=trace"),
             Ok("warn, bpg_tunnel=debug,russh::client=trace".to_owned())
@@ -708,5 +766,45 @@ mod tests {
         assert!(parse_duration("25h").is_err());
         assert!(parse_positive_duration("0").is_err());
         assert_eq!(parse_positive_duration("1s"), Ok(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn metrics_intervals_are_off_or_at_least_a_second() {
+        assert_eq!(parse_metrics_interval("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_metrics_interval("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_metrics_interval("60s"), Ok(Duration::from_secs(60)));
+        let short = parse_metrics_interval("999ms").unwrap_err();
+        assert!(
+            short.contains("expected 0 (no metrics lines) or at least 1s"),
+            "{short}"
+        );
+        assert!(parse_metrics_interval("often").is_err());
+    }
+
+    #[test]
+    fn health_addresses_are_ip_and_port_or_off() {
+        assert_eq!(parse_health_addr("off"), Ok(None));
+        assert_eq!(parse_health_addr(" OFF "), Ok(None));
+        assert_eq!(
+            parse_health_addr("127.0.0.1:9090"),
+            Ok(Some("127.0.0.1:9090".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_health_addr("[::1]:9090"),
+            Ok(Some("[::1]:9090".parse().unwrap()))
+        );
+        for bad in [
+            "9090",
+            "localhost:9090",
+            "127.0.0.1",
+            "127.0.0.1:99999",
+            "on",
+        ] {
+            let problem = parse_health_addr(bad).unwrap_err();
+            assert!(
+                problem.contains("such as 127.0.0.1:9090"),
+                "{bad}: {problem}"
+            );
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! built from status codes and error kinds, never from request or response text.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -19,9 +20,10 @@ use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::PrivateApp;
+use crate::stats::RegistrationStats;
 
 /// The add-on drops a registration this long after it was made or last renewed.
-const AUTO_DESTROY_DELAY: Duration = Duration::from_secs(4500);
+pub const AUTO_DESTROY_DELAY: Duration = Duration::from_secs(4500);
 /// The deregistration runs in the last seconds before Heroku's SIGKILL.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// First retries of a registration that failed on the network or with a 5xx.
@@ -263,7 +265,7 @@ impl Registration {
 
     /// Registers, renews until `shutdown`, then deregisters (bounded, so it always fits in what
     /// is left before the platform's SIGKILL).
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken, stats: Arc<RegistrationStats>) {
         let addon = self.addon.as_str();
         let client_id = self.api.client_id.as_str();
         let slow = self.settings.retry_interval;
@@ -276,6 +278,7 @@ impl Registration {
             let Some(result) = Self::unless_stopping(&shutdown, self.api.register()).await else {
                 // A request cut short may still have registered us.
                 self.deregister().await;
+                stats.removed();
                 return;
             };
             let error = match result {
@@ -287,10 +290,12 @@ impl Registration {
                         ms = started.elapsed().as_millis() as u64
                     );
                     self.registered.send_replace(true);
+                    stats.renewed();
                     break Instant::now();
                 }
                 Err(error) => error,
             };
+            stats.failed(error.to_string());
             let delay = if error.is_refusal() {
                 refusals.next_delay().max(slow)
             } else {
@@ -306,6 +311,7 @@ impl Registration {
                 () = shutdown.cancelled() => {
                     // A request that timed out may still have registered us.
                     self.deregister().await;
+                    stats.removed();
                     return;
                 }
             }
@@ -325,11 +331,13 @@ impl Registration {
             match result {
                 Ok(()) => {
                     info!(event = "private-tunnel-extended", addon, client_id);
+                    stats.renewed();
                     last_ok = Instant::now();
                     refusals.reset();
                     next = last_ok + self.settings.extend_interval;
                 }
                 Err(error) => {
+                    stats.failed(error.to_string());
                     let expires_in = AUTO_DESTROY_DELAY.saturating_sub(last_ok.elapsed());
                     let delay = if error.is_refusal() {
                         refusals.next_delay().max(slow)
@@ -342,6 +350,7 @@ impl Registration {
             }
         }
         self.deregister().await;
+        stats.removed();
     }
 
     /// `request`, unless shutdown comes first: the deregistration must not wait behind a slow

@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 use crate::backoff::Backoff;
 use crate::config::Addon;
 use crate::ssh::{Session, SessionError, SessionSettings};
+use crate::stats::AddonStats;
 
 /// The first reconnect comes within this long of a lost session.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
@@ -38,14 +39,16 @@ pub struct Supervisor {
     addon: Addon,
     settings: SupervisorSettings,
     current: watch::Sender<Option<Arc<Session>>>,
+    stats: Arc<AddonStats>,
 }
 
 impl Supervisor {
-    pub fn new(addon: Addon, settings: SupervisorSettings) -> Supervisor {
+    pub fn new(addon: Addon, settings: SupervisorSettings, stats: Arc<AddonStats>) -> Supervisor {
         Supervisor {
             addon,
             settings,
             current: watch::Sender::new(None),
+            stats,
         }
     }
 
@@ -65,6 +68,7 @@ impl Supervisor {
         let mut backoff = Backoff::new(FIRST_RETRY, self.settings.reconnect_max_delay);
         let mut rejections = 0u32;
         let mut attempt = 0u32;
+        let mut connected_before = false;
         loop {
             attempt += 1;
             info!(event = "ssh-connecting", addon, server, attempt);
@@ -85,6 +89,8 @@ impl Supervisor {
                     rejections = 0;
                     attempt = 0;
                     let session = Arc::new(session);
+                    self.stats.session_up(connected_before);
+                    connected_before = true;
                     self.current.send_replace(Some(session.clone()));
                     let up_since = Instant::now();
                     let ended = tokio::select! {
@@ -93,9 +99,11 @@ impl Supervisor {
                     };
                     self.current.send_replace(None);
                     let Some(ended) = ended else {
+                        self.stats.session_down("bpg-tunnel is stopping".to_owned());
                         session.close().await;
                         break;
                     };
+                    self.stats.session_down(ended.to_string());
                     warn!(
                         event = "ssh-disconnected",
                         addon,
@@ -109,6 +117,7 @@ impl Supervisor {
                     backoff.next_delay()
                 }
                 Err(error) if error.is_rejection() => {
+                    self.stats.session_down(error.to_string());
                     rejections += 1;
                     let event = match error {
                         SessionError::HostKeyMismatch { .. } => "host-key-mismatch",
@@ -119,6 +128,7 @@ impl Supervisor {
                     auth_failure_delay(self.settings.auth_failure_delay, rejections)
                 }
                 Err(error) => {
+                    self.stats.session_down(error.to_string());
                     warn!(event = "ssh-connect-failed", addon, server, error = %error);
                     backoff.next_delay()
                 }

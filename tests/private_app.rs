@@ -444,3 +444,54 @@ fn check_registers_under_its_own_id_removes_it_and_names_a_refused_token() {
     assert!(stdout.contains("refused CLIENT_APP_JWT"), "{stdout}");
     assert_no_token(&[stdout, stderr]);
 }
+
+/// `bpg-tunnel status --json`, looking in `state` only.
+fn status_json(state: &Path) -> (i32, serde_json::Value) {
+    let output = std::process::Command::new(support::tunnel_binary())
+        .args(["status", "--json"])
+        .env_clear()
+        .env("BPG_TUNNEL_STATE_DIR", state)
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&output.stdout).unwrap();
+    (output.status.code().unwrap_or(-1), json)
+}
+
+#[test]
+fn status_shows_the_registration_its_expiry_and_a_refused_renewal() {
+    let api = FakeApi::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = private_app(&api, "DATABASE", state.path());
+    vars.insert(
+        "BPG_TUNNEL_PRIVATE_TUNNEL_EXTEND_INTERVAL".into(),
+        "500ms".into(),
+    );
+    vars.insert(
+        "BPG_TUNNEL_PRIVATE_TUNNEL_RETRY_INTERVAL".into(),
+        "500ms".into(),
+    );
+    let tunnel = Tunnel::spawn(vars.iter(), &[]);
+    tunnel.wait_for(&["event=private-tunnel-registered"], T);
+    let (code, json) = status_json(state.path());
+    assert_eq!(code, 0, "{json:#}");
+    let registration = &json["registrations"][0];
+    assert_eq!(registration["addon"], "DATABASE");
+    assert_eq!(registration["registered"], true);
+    let renewed = humantime::parse_rfc3339(registration["last_renewed"].as_str().unwrap()).unwrap();
+    let expires = humantime::parse_rfc3339(registration["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        expires.duration_since(renewed).unwrap(),
+        Duration::from_secs(75 * 60)
+    );
+
+    // Renewals refused: still registered until the add-on drops it, and the refusal shown.
+    api.set_default(Reply::Status(401));
+    tunnel.wait_for(&["event=private-tunnel-extend-failed"], T);
+    let (code, json) = status_json(state.path());
+    let registration = &json["registrations"][0];
+    assert_eq!(code, 0, "{json:#}");
+    assert_eq!(registration["registered"], true);
+    let error = registration["last_error"]["error"].as_str().unwrap();
+    assert!(error.contains("401"), "{error}");
+    assert!(!json.to_string().contains(JWT));
+}

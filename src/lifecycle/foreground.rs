@@ -24,7 +24,14 @@ pub async fn run(engine: &EngineSettings, lifecycle: &LifecycleSettings) -> Exit
     let mut trigger = Interrupted {
         signals,
         grace: lifecycle.grace,
+        early: None,
     };
+    // Nothing waits on it here, but the log, `status` and `/startup` say when it is ready. A
+    // signal meanwhile ends the wait.
+    tokio::select! {
+        _ = running.ready(lifecycle.ready_timeout) => {}
+        name = trigger.signals.next_stop() => trigger.early = Some(name),
+    }
     match running.serve(&mut trigger).await {
         Stopped::Gracefully => ExitCode::SUCCESS,
         Stopped::Aborted => ExitCode::from(130),
@@ -34,11 +41,16 @@ pub async fn run(engine: &EngineSettings, lifecycle: &LifecycleSettings) -> Exit
 struct Interrupted {
     signals: Signals,
     grace: Duration,
+    /// A stop signal that came during the ready wait.
+    early: Option<&'static str>,
 }
 
 impl Trigger for Interrupted {
     async fn stop(&mut self, _: &Running) -> Stop {
-        let name = self.signals.next_stop().await;
+        let name = match self.early.take() {
+            Some(name) => name,
+            None => self.signals.next_stop().await,
+        };
         info!(event = "signal", signal = name, "stopping");
         Stop::Gracefully { grace: self.grace }
     }

@@ -20,8 +20,16 @@ const FILE_NAME: &str = "bpg-tunnel.pid";
 /// `$XDG_RUNTIME_DIR`, `$HOME/.borealis-pg`, and a directory of this user's own under the
 /// temporary directory (`$TMPDIR`, else `/tmp`).
 pub fn candidates(state_dir: Option<&Path>) -> Vec<PathBuf> {
+    state_dirs(state_dir)
+        .into_iter()
+        .map(|dir| dir.join(FILE_NAME))
+        .collect()
+}
+
+/// The directories of [`candidates`], in the same order: the status socket's places too.
+pub fn state_dirs(state_dir: Option<&Path>) -> Vec<PathBuf> {
     if let Some(dir) = state_dir {
-        return vec![dir.join(FILE_NAME)];
+        return vec![dir.to_owned()];
     }
     let mut dirs = Vec::new();
     dirs.extend(std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from));
@@ -29,10 +37,7 @@ pub fn candidates(state_dir: Option<&Path>) -> Vec<PathBuf> {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     dirs.push(std::env::temp_dir().join(format!("borealis-pg-{uid}")));
-    dirs.into_iter()
-        .filter(|dir| dir.is_absolute())
-        .map(|dir| dir.join(FILE_NAME))
-        .collect()
+    dirs.into_iter().filter(|dir| dir.is_absolute()).collect()
 }
 
 /// A live daemon found through its pid file.
@@ -129,11 +134,7 @@ impl PidFile {
     /// `Ok(None)` when another live daemon holds it.
     fn acquire(path: &Path) -> std::io::Result<Option<PidFile>> {
         if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-            check_private(dir)?;
+            private_dir(dir)?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -172,9 +173,18 @@ impl PidFile {
     }
 }
 
+/// Creates `dir` (owner only) if it is missing, and checks it as [`check_private`] does.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    check_private(dir)
+}
+
 /// Refuses a directory another user could write to (or one owned by another user who is not
 /// root): they could replace the pid file, or plant one that points `stop` elsewhere.
-fn check_private(dir: &Path) -> std::io::Result<()> {
+pub fn check_private(dir: &Path) -> std::io::Result<()> {
     let meta = std::fs::metadata(dir)?;
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };

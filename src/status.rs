@@ -1,0 +1,347 @@
+//! `bpg-tunnel status`: how the running tunnel is doing, asked of the tunnel itself.
+//!
+//! Every serving process (the daemon, `run`, the foreground form) answers on a Unix socket,
+//! `bpg-tunnel.sock`, in the first usable place of the pid file's order (a directory of this
+//! user's that no other user can write to); the socket itself is owner-only, and a peer of
+//! another user is refused. A connection gets one JSON document and is closed. `status` asks the
+//! first socket that answers and prints what it got, for people or (`--json`) as it came.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::lifecycle::{check_private, private_dir, state_dirs};
+use crate::stats::{rss_bytes, Stats};
+
+const SOCKET_NAME: &str = "bpg-tunnel.sock";
+
+/// How long a reader gets to take the answer; the tunnel never waits on it longer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The status socket, bound and not yet answering.
+pub struct StatusSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// The socket file's inode, so that only our own file is removed at the end.
+    inode: u64,
+}
+
+impl StatusSocket {
+    /// Binds the socket in the first usable place; `None` (after saying why) when another
+    /// bpg-tunnel answers there already or no place is usable. Never keeps the tunnel from
+    /// serving.
+    pub fn bind(state_dir: Option<&Path>) -> Option<StatusSocket> {
+        let mut problems = Vec::new();
+        for dir in state_dirs(state_dir) {
+            if let Err(error) = private_dir(&dir) {
+                problems.push(format!("{}: {error}", dir.display()));
+                continue;
+            }
+            let path = dir.join(SOCKET_NAME);
+            match std::os::unix::net::UnixStream::connect(&path) {
+                Ok(_) => {
+                    info!(event = "status-socket-taken", path = %path.display(), "another bpg-tunnel answers `status` here; this one does not");
+                    return None;
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                // Left by a process that is gone: only a socket is ever removed.
+                Err(_) => {
+                    let stale = std::fs::symlink_metadata(&path)
+                        .is_ok_and(|meta| meta.file_type().is_socket());
+                    if !stale || std::fs::remove_file(&path).is_err() {
+                        problems.push(format!("{}: in the way", path.display()));
+                        continue;
+                    }
+                }
+            }
+            match bind_owner_only(&path) {
+                Ok((listener, inode)) => {
+                    debug!(event = "status-socket", path = %path.display());
+                    return Some(StatusSocket {
+                        listener,
+                        path,
+                        inode,
+                    });
+                }
+                Err(error) => problems.push(format!("{}: {error}", path.display())),
+            }
+        }
+        warn!(event = "status-socket-failed", places = %problems.join("; "), "`bpg-tunnel status` will not find this tunnel");
+        None
+    }
+
+    /// Answers until `shutdown`, then removes the socket.
+    pub async fn serve(self, stats: Arc<Stats>, shutdown: CancellationToken) {
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = shutdown.cancelled() => break,
+            };
+            let Ok((mut stream, _)) = accepted else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            // The directory and the socket are owner-only already; root may still connect.
+            if !stream.peer_cred().is_ok_and(|peer| peer.uid() == uid) {
+                continue;
+            }
+            let answer = snapshot(&stats).to_string();
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(answer.as_bytes())).await;
+        }
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|meta| meta.ino() == self.inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn bind_owner_only(path: &Path) -> std::io::Result<(UnixListener, u64)> {
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let inode = std::fs::symlink_metadata(path)?.ino();
+    Ok((listener, inode))
+}
+
+/// What `status --json` prints.
+fn snapshot(stats: &Stats) -> Value {
+    let now = SystemTime::now();
+    let addons: Vec<Value> = stats
+        .addons()
+        .iter()
+        .map(|addon| {
+            let session = addon.session();
+            json!({
+                "addon": addon.name,
+                "server": addon.server,
+                "session": {
+                    "up": session.up,
+                    "since": session.since.map(time),
+                    "last_error": session.last_error.map(|(at, error)| json!({"at": time(at), "error": error})),
+                },
+                "reconnects": addon.reconnects.get(),
+                "connections": {
+                    "open": addon.open.get(),
+                    "accepted": addon.accepted.get(),
+                    "waited": addon.waited.get(),
+                    "wait_expired": addon.wait_expired.get(),
+                    "refused": addon.refused.get(),
+                },
+                "bytes": {"up": addon.bytes_up.get(), "down": addon.bytes_down.get()},
+            })
+        })
+        .collect();
+    let registrations: Vec<Value> = stats
+        .registrations()
+        .iter()
+        .map(|registration| {
+            let state = registration.state();
+            json!({
+                "addon": registration.name,
+                "registered": state.registered,
+                "last_renewed": state.last_renewed.map(time),
+                "expires_at": state.expires_at().map(time),
+                "last_error": state.last_error.map(|(at, error)| json!({"at": time(at), "error": error})),
+            })
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "started_at": time(stats.started()),
+        "uptime_s": now.duration_since(stats.started()).unwrap_or_default().as_secs(),
+        "phase": stats.phase().name(),
+        "all_up": stats.all_up(),
+        "rss_bytes": rss_bytes(),
+        "addons": addons,
+        "registrations": registrations,
+    })
+}
+
+fn time(at: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// What `bpg-tunnel status` needs.
+#[derive(Debug, Clone)]
+pub struct StatusSettings {
+    pub state_dir: Option<PathBuf>,
+    pub json: bool,
+}
+
+/// Exit status of `status`: everything up.
+const UP: u8 = 0;
+/// No tunnel answers.
+const NOT_RUNNING: u8 = 1;
+/// A tunnel answers, but something in it is not up.
+const NOT_ALL_UP: u8 = 2;
+
+/// `bpg-tunnel status`: prints the running tunnel's answer; exits 0 when everything is up, 1
+/// when no tunnel runs, 2 when something is down.
+pub fn run(settings: &StatusSettings) -> ExitCode {
+    let dirs = state_dirs(settings.state_dir.as_deref());
+    let Some(answer) = dirs.iter().find_map(|dir| ask(&dir.join(SOCKET_NAME))) else {
+        let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        if settings.json {
+            println!("{}", json!({"running": false, "looked_in": looked}));
+        } else {
+            println!(
+                "no bpg-tunnel is running here (looked for {SOCKET_NAME} in {})",
+                looked.join(", ")
+            );
+        }
+        return ExitCode::from(NOT_RUNNING);
+    };
+    let all_up = answer["all_up"].as_bool().unwrap_or(false);
+    if settings.json {
+        let mut answer = answer;
+        answer["running"] = Value::Bool(true);
+        println!("{answer:#}");
+    } else {
+        print!("{}", human(&answer));
+    }
+    ExitCode::from(if all_up { UP } else { NOT_ALL_UP })
+}
+
+/// The answer of the socket at `path`, if a tunnel of this user's answers there.
+fn ask(path: &Path) -> Option<Value> {
+    check_private(path.parent()?).ok()?;
+    let mut stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    stream.set_read_timeout(Some(WRITE_TIMEOUT)).ok()?;
+    let _ = stream.flush();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The answer for people: a head line, then a few lines per add-on.
+fn human(answer: &Value) -> String {
+    let mut out = format!(
+        "bpg-tunnel {} (pid {}), {} for {}, memory {}\n",
+        answer["version"].as_str().unwrap_or("?"),
+        answer["pid"],
+        answer["phase"].as_str().unwrap_or("?"),
+        ago(answer["uptime_s"].as_u64().unwrap_or(0)),
+        answer["rss_bytes"]
+            .as_u64()
+            .map(|b| format!("{:.1} MB", b as f64 / (1024.0 * 1024.0)))
+            .unwrap_or_else(|| "?".into()),
+    );
+    let now = SystemTime::now();
+    for addon in answer["addons"].as_array().into_iter().flatten() {
+        let session = &addon["session"];
+        let up = session["up"].as_bool().unwrap_or(false);
+        let since = session["since"]
+            .as_str()
+            .map(|at| format!(" since {at}{}", since_ago(at, now)))
+            .unwrap_or_default();
+        out += &format!(
+            "{} {}: SSH session {}{since}, server {}\n",
+            if up { "✓" } else { "✗" },
+            addon["addon"].as_str().unwrap_or("?"),
+            if up { "up" } else { "down" },
+            addon["server"].as_str().unwrap_or("?"),
+        );
+        let c = &addon["connections"];
+        out += &format!(
+            "    connections: {} open, {} in all, {} waited for a session, {} gave up waiting, {} refused by the server\n",
+            c["open"], c["accepted"], c["waited"], c["wait_expired"], c["refused"]
+        );
+        out += &format!(
+            "    bytes: {} up, {} down; reconnects: {}\n",
+            addon["bytes"]["up"], addon["bytes"]["down"], addon["reconnects"]
+        );
+        if let Some(error) = session["last_error"].as_object() {
+            out += &format!(
+                "    last error ({}): {}\n",
+                error["at"].as_str().unwrap_or("?"),
+                error["error"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    for registration in answer["registrations"].as_array().into_iter().flatten() {
+        let registered = registration["registered"].as_bool().unwrap_or(false);
+        out += &format!(
+            "{} {}: {}",
+            if registered { "✓" } else { "✗" },
+            registration["addon"].as_str().unwrap_or("?"),
+            if registered {
+                "registered"
+            } else {
+                "not registered"
+            },
+        );
+        if let Some(renewed) = registration["last_renewed"].as_str() {
+            out += &format!(", renewed {renewed}");
+        }
+        if let Some(expires) = registration["expires_at"].as_str() {
+            out += &format!(", expires {expires} unless renewed");
+        }
+        out += "\n";
+        if let Some(error) = registration["last_error"].as_object() {
+            out += &format!(
+                "    last error ({}): {}\n",
+                error["at"].as_str().unwrap_or("?"),
+                error["error"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    out += if answer["all_up"].as_bool().unwrap_or(false) {
+        "everything is up\n"
+    } else {
+        "not everything is up\n"
+    };
+    out
+}
+
+/// ` (5m 3s ago)`, when `at` can be read.
+fn since_ago(at: &str, now: SystemTime) -> String {
+    humantime::parse_rfc3339(at)
+        .ok()
+        .and_then(|at| now.duration_since(at).ok())
+        .map(|d| format!(" ({} ago)", ago(d.as_secs())))
+        .unwrap_or_default()
+}
+
+fn ago(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answer_for_people_says_what_is_down_and_why() {
+        let stats = Stats::new(&[("DATABASE".into(), "ssh.example:22".into())], &[]);
+        let addon = stats.addon("DATABASE").unwrap();
+        addon.session_up(false);
+        addon.session_down("no answer to keepalives for 9000 ms".into());
+        let text = human(&snapshot(&stats));
+        assert!(
+            text.contains("✗ DATABASE: SSH session down since "),
+            "{text}"
+        );
+        assert!(text.contains("server ssh.example:22"), "{text}");
+        assert!(
+            text.contains("no answer to keepalives for 9000 ms"),
+            "{text}"
+        );
+        assert!(text.ends_with("not everything is up\n"), "{text}");
+        addon.session_up(true);
+        let text = human(&snapshot(&stats));
+        assert!(text.contains("✓ DATABASE: SSH session up since "), "{text}");
+        assert!(text.contains("reconnects: 1"), "{text}");
+        assert!(text.ends_with("\neverything is up\n"), "{text}");
+    }
+}
