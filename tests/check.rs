@@ -4,55 +4,8 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
-use support::{KeyKind, Tunnel};
-
-struct Checked {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Checked {
-    /// The report's line for `step` with its mark (`✓` or `✗`), or a panic showing the report.
-    fn line(&self, mark: &str, step: &str) -> &str {
-        self.stdout
-            .lines()
-            .find(|line| line.trim_start().starts_with(&format!("{mark} {step} ")))
-            .unwrap_or_else(|| panic!("no {mark} {step} line in:\n{}", self.stdout))
-    }
-
-    fn steps(&self) -> Vec<String> {
-        self.stdout
-            .lines()
-            .filter_map(|line| {
-                let line = line.trim_start();
-                let rest = line.strip_prefix("✓ ").or(line.strip_prefix("✗ "))?;
-                Some(rest.split_whitespace().next()?.to_owned())
-            })
-            .collect()
-    }
-}
-
-/// `bpg-tunnel check ARGS` with `vars` as its whole environment (and PATH).
-fn check(vars: &BTreeMap<String, String>, args: &[&str]) -> Checked {
-    let output = Command::new(support::tunnel_binary())
-        .arg("check")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(vars)
-        .output()
-        .expect("run bpg-tunnel check");
-    let checked = Checked {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8(output.stdout).unwrap(),
-        stderr: String::from_utf8(output.stderr).unwrap(),
-    };
-    eprintln!("{}{}", checked.stdout, checked.stderr);
-    checked
-}
+use support::{check, Checked, KeyKind, Tunnel};
 
 /// The lab's secrets, none of which may appear in anything `check` prints.
 fn assert_no_secret(lab: &support::Lab, checked: &Checked) {
