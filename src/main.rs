@@ -57,6 +57,10 @@ enum Command {
         /// One JSON document instead of lines for people.
         #[arg(long)]
         json: bool,
+        /// Also log in to each database with the user, password and database of its *_URL or
+        /// *_READONLY_URL, and run `select 1` (the password is read then, and never printed).
+        #[arg(long)]
+        login: bool,
     },
     #[command(name = "__daemon", hide = true)]
     Daemon {
@@ -98,11 +102,12 @@ fn main() -> ExitCode {
         Some(Command::Start { owner_pid }) => daemon::start(lifecycle, owner_pid),
         Some(Command::Stop) => daemon::stop(lifecycle),
         Some(Command::Daemon { owner_pid }) => daemon::daemon(engine, lifecycle, owner_pid),
-        Some(Command::Check { json }) => {
+        Some(Command::Check { json, login }) => {
             let settings = CheckSettings {
                 session: engine.supervisor.session.clone(),
                 registration: engine.registration.clone(),
                 json,
+                login,
             };
             with_runtime(|| check::run(&settings))
         }
