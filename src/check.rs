@@ -1,14 +1,16 @@
 //! `bpg-tunnel check`: the doctor. For each add-on in the environment it walks the path a
 //! connection takes, one step at a time, and stops at the first step that fails, saying what to
 //! do about it: config → DNS → TCP to the SSH server → SSH handshake → host key → key accepted →
-//! a channel to each database host → PostgreSQL answers there. In private-app-tunnel mode:
-//! config → the add-on's API answers → the token is accepted.
+//! a channel to each database host → PostgreSQL answers there (→ with `--login`, a login with
+//! the URL's credentials and `select 1`). In private-app-tunnel mode: config → the add-on's API
+//! answers → the token is accepted.
 //!
 //! It binds no port, so it runs beside a serving daemon (`heroku ps:exec`), and it prints what
-//! the log lines print: variable names, hosts, ports, key types and fingerprints, never a value
-//! that may hold a secret. The PostgreSQL step sends only an `SSLRequest`, which a server
-//! answers before any credentials, and closes: nothing to log in with, nothing in the server's
-//! log.
+//! the log lines print: variable names, hosts, ports, key types and fingerprints, database user
+//! and database names, never a value that may hold a secret. The PostgreSQL step sends only an
+//! `SSLRequest`, which a server answers before any credentials, and closes: nothing in the
+//! server's log. Only `--login` reads a password, from the URL variable, at the moment it logs
+//! in.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::config::db_url::{self, Login};
 use crate::config::{self, Addon, Forward, PrivateApp, Severity};
 use crate::private_app::{self, ApiError, Registration, RegistrationSettings};
 use crate::ssh::{ChannelError, Session, SessionError, SessionSettings};
@@ -32,6 +35,8 @@ pub struct CheckSettings {
     pub registration: RegistrationSettings,
     /// One JSON document on stdout instead of lines for people.
     pub json: bool,
+    /// Also log in to each database with its URL's credentials and run `select 1`.
+    pub login: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +49,7 @@ enum Step {
     KeyAccepted,
     Channel,
     Postgres,
+    Login,
     Api,
     Token,
 }
@@ -59,6 +65,7 @@ impl Step {
             Step::KeyAccepted => "key-accepted",
             Step::Channel => "channel",
             Step::Postgres => "postgres",
+            Step::Login => "login",
             Step::Api => "api",
             Step::Token => "token",
         }
@@ -201,7 +208,7 @@ pub async fn run(settings: &CheckSettings) -> ExitCode {
                 notes(&addon.name)
             ),
         );
-        check_ssh(addon, &settings.session, &mut report).await;
+        check_ssh(addon, settings, &mut report).await;
         reports.push(report);
     }
     if !discovery.private_apps.is_empty() {
@@ -235,7 +242,8 @@ pub async fn run(settings: &CheckSettings) -> ExitCode {
     }
 }
 
-async fn check_ssh(addon: &Addon, settings: &SessionSettings, report: &mut Report) {
+async fn check_ssh(addon: &Addon, check: &CheckSettings, report: &mut Report) {
+    let settings = &check.session;
     let server = &addon.ssh;
     let var = &addon.conn_info_var;
     let limit = settings.connect_timeout;
@@ -340,6 +348,9 @@ async fn check_ssh(addon: &Addon, settings: &SessionSettings, report: &mut Repor
         if !check_forward(&session, forward, limit, report).await {
             break;
         }
+        if check.login && !check_login(&session, forward, limit, report).await {
+            break;
+        }
     }
     session.close().await;
 }
@@ -362,21 +373,12 @@ async fn check_forward(
     .await;
     let channel = match opened {
         Ok(Ok(channel)) => channel,
-        Ok(Err(error @ ChannelError::Refused { .. })) => {
-            report.fail(
-                Step::Channel,
-                Some(started.elapsed()),
-                format!("{role}: {error}"),
-                format!("the SSH server could not connect to {target} for the {role} ({}): the database may be down or restarting; if it persists, contact the add-on's support", forward.url_var),
-            );
-            return false;
-        }
         Ok(Err(error)) => {
             report.fail(
                 Step::Channel,
                 Some(started.elapsed()),
                 format!("{role}: {error}"),
-                "the SSH session ended while the channel was being opened: retry",
+                channel_advice(&error, forward),
             );
             return false;
         }
@@ -465,6 +467,183 @@ async fn check_forward(
             );
             false
         }
+    }
+}
+
+fn channel_advice(error: &ChannelError, forward: &Forward) -> String {
+    let target = config::host_port(&forward.remote_host, forward.remote_port);
+    match error {
+        ChannelError::Refused { .. } => format!("the SSH server could not connect to {target} for the {} ({}): the database may be down or restarting; if it persists, contact the add-on's support", forward.role, forward.url_var),
+        _ => "the SSH session ended while the channel was being opened: retry".into(),
+    }
+}
+
+/// Why a login did not get its `select 1` answered.
+enum LoginFailure {
+    Channel(ChannelError),
+    Postgres(tokio_postgres::Error),
+    /// Logged in, but the query's answer was not the one row `1`.
+    WrongAnswer,
+}
+
+/// What a server's refusal of a login means for the user.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// pg_hba.conf admits this login only over TLS.
+    TlsRequired,
+    Credentials,
+    NoDatabase,
+    Other,
+}
+
+fn refusal(sqlstate: &str, message: &str) -> Refusal {
+    match sqlstate {
+        // pg_hba.conf's refusal for want of TLS has only the general code; PostgreSQL 12 and
+        // later end its message with "no encryption", older ones with "SSL off".
+        "28000" if message.ends_with("no encryption") || message.ends_with("SSL off") => {
+            Refusal::TlsRequired
+        }
+        "28P01" | "28000" => Refusal::Credentials,
+        "3D000" => Refusal::NoDatabase,
+        _ => Refusal::Other,
+    }
+}
+
+/// A login to one database host with its URL's user, password and database, over a channel of
+/// its own, then `select 1`; false if it failed.
+async fn check_login(
+    session: &Session,
+    forward: &Forward,
+    limit: Duration,
+    report: &mut Report,
+) -> bool {
+    let role = forward.role;
+    let var = &forward.url_var;
+    // Read again here, not kept from discovery: the serving path never holds the password.
+    let login = match std::env::var_os(var).map(config::secret_text) {
+        Some(value) => db_url::login(&value).map_err(|problem| format!("{var}: {problem}")),
+        None => Err(format!("{var}: is no longer set")),
+    };
+    let login = match login {
+        Ok(login) => login,
+        Err(problem) => {
+            report.fail(
+                Step::Login,
+                None,
+                format!("{role}: {problem}"),
+                format!("the add-on sets {var}: see that it was not edited (`heroku config:get {var}` shows it)"),
+            );
+            return false;
+        }
+    };
+    let target = config::host_port(&forward.remote_host, forward.remote_port);
+    let as_who = format!("as {:?} to {:?}", login.user, login.dbname);
+    let started = Instant::now();
+    let result = tokio::time::timeout(limit, log_in(session, forward, &login)).await;
+    let took = Some(started.elapsed());
+    let (detail, advice) = match result {
+        Ok(Ok(())) => {
+            report.pass(
+                Step::Login,
+                took,
+                format!("{role}: logged in {as_who}, select 1 answered"),
+            );
+            return true;
+        }
+        Ok(Err(LoginFailure::Channel(error))) => {
+            (format!("{role}: {error}"), channel_advice(&error, forward))
+        }
+        Ok(Err(LoginFailure::Postgres(error))) => match error.as_db_error() {
+            Some(refused) => {
+                let (sqlstate, message) = (refused.code().code(), refused.message());
+                let dbname = &login.dbname;
+                match refusal(sqlstate, message) {
+                    Refusal::TlsRequired => (
+                        format!("{role}: the server demands TLS for this login {as_who}, and check logs in without TLS: {message} (SQLSTATE {sqlstate})"),
+                        format!("the server accepts {:?} only over TLS, so check cannot test these credentials (the SSH tunnel already encrypts the way): `PGSSLMODE=require psql \"${var}\" -c 'select 1'` tests them; the app, too, must connect with sslmode=require", login.user),
+                    ),
+                    Refusal::Credentials => (
+                        format!("{role}: the server refused the login {as_who}: {message} (SQLSTATE {sqlstate})"),
+                        format!("the server refused the user and password in {var}: the add-on may have rotated them, leaving this dyno an old copy; re-read the config var (`heroku config:get {var}`; dynos started since the change have the new value) and run check again; if the current value is refused too, contact the add-on's support"),
+                    ),
+                    Refusal::NoDatabase => (
+                        format!("{role}: the server refused the login {as_who}: {message} (SQLSTATE {sqlstate})"),
+                        format!("the database {dbname:?} named in {var} does not exist on the server: see that {var} was not edited (`heroku config:get {var}` shows it); if it was not, contact the add-on's support"),
+                    ),
+                    Refusal::Other => (
+                        format!("{role}: the server refused the login {as_who}: {message} (SQLSTATE {sqlstate})"),
+                        "the server said why above: retry in a minute; if it persists, contact the add-on's support".into(),
+                    ),
+                }
+            }
+            None => (
+                format!("{role}: the login {as_who} did not complete: {error}"),
+                "the connection broke or the server answered out of turn: retry; if it persists, contact the add-on's support".into(),
+            ),
+        },
+        Ok(Err(LoginFailure::WrongAnswer)) => (
+            format!("{role}: logged in {as_who}, but select 1 was not answered with 1"),
+            format!("something other than PostgreSQL answers at {target}: check the host and port of {var} (the add-on sets it)"),
+        ),
+        Err(_) => (
+            format!("{role}: no answer to the login {as_who} from {target} within {limit:?}"),
+            "the database took the connection but did not complete the login: it may be overloaded or starting up; retry in a minute; if it persists, contact the add-on's support".into(),
+        ),
+    };
+    let detail = without_password(detail, &login.password, role);
+    report.fail(Step::Login, took, detail, advice);
+    false
+}
+
+/// The login itself, over a `direct-tcpip` channel of its own through `session`.
+async fn log_in(session: &Session, forward: &Forward, login: &Login) -> Result<(), LoginFailure> {
+    let originator = SocketAddr::from(([127, 0, 0, 1], 0));
+    let channel = session
+        .open_direct_tcpip(&forward.remote_host, forward.remote_port, originator)
+        .await
+        .map_err(LoginFailure::Channel)?;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .user(&login.user)
+        .dbname(&login.dbname)
+        .application_name("bpg-tunnel check");
+    if !login.password.is_empty() {
+        config.password(login.password.expose());
+    }
+    // No TLS: the SSH session already encrypts the way, as it does for the app's connections.
+    let (client, connection) = config
+        .connect_raw(channel.into_stream(), tokio_postgres::NoTls)
+        .await
+        .map_err(LoginFailure::Postgres)?;
+    // The connection does the I/O; once the query is answered the client is dropped, and the
+    // connection says goodbye to the server (Terminate) and ends.
+    let query = async move { client.simple_query("select 1").await };
+    let (answer, _) = tokio::join!(query, connection);
+    let answered_one = answer.map_err(LoginFailure::Postgres)?.iter().any(|message| {
+        matches!(message, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("1"))
+    });
+    if answered_one {
+        Ok(())
+    } else {
+        Err(LoginFailure::WrongAnswer)
+    }
+}
+
+/// The server's text is outside our control: should it ever quote the password, it is left out
+/// rather than printed.
+fn without_password(detail: String, password: &db_url::Password, role: config::Role) -> String {
+    let secret = password.expose();
+    let quoted = !secret.is_empty()
+        && detail
+            .as_bytes()
+            .windows(secret.len())
+            .any(|window| window == secret);
+    if quoted {
+        format!(
+            "{role}: the login failed (the server's message is left out: it contains the password)"
+        )
+    } else {
+        detail
     }
 }
 
@@ -595,4 +774,58 @@ fn json(reports: &[Report], ok: bool) -> String {
         })
         .collect();
     format!("{}\n", serde_json::json!({ "ok": ok, "addons": addons }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_for_want_of_tls_is_told_apart_from_refused_credentials() {
+        let hba = "no pg_hba.conf entry for host \"10.0.0.1\", user \"u\", database \"d\"";
+        assert_eq!(
+            refusal("28000", &format!("{hba}, no encryption")),
+            Refusal::TlsRequired
+        );
+        // PostgreSQL 11 and older.
+        assert_eq!(
+            refusal("28000", &format!("{hba}, SSL off")),
+            Refusal::TlsRequired
+        );
+        assert_eq!(refusal("28000", hba), Refusal::Credentials);
+        assert_eq!(
+            refusal("28P01", "password authentication failed for user \"u\""),
+            Refusal::Credentials
+        );
+        assert_eq!(
+            refusal("3D000", "database \"d\" does not exist"),
+            Refusal::NoDatabase
+        );
+        assert_eq!(
+            refusal("53300", "sorry, too many clients already"),
+            Refusal::Other
+        );
+    }
+
+    #[test]
+    fn a_detail_that_quotes_the_password_is_left_out() {
+        let login = db_url::login("postgres://u:hunter2@127.0.0.1:5432/d").unwrap();
+        let detail = without_password(
+            "writer: role \"hunter2\" is not permitted".into(),
+            &login.password,
+            config::Role::Writer,
+        );
+        assert!(!detail.contains("hunter2"), "{detail}");
+        assert!(detail.starts_with("writer: the login failed"), "{detail}");
+        let kept = "writer: password authentication failed for user \"u\"";
+        assert_eq!(
+            without_password(kept.into(), &login.password, config::Role::Writer),
+            kept
+        );
+        let no_password = db_url::login("postgres://u@127.0.0.1:5432/d").unwrap();
+        assert_eq!(
+            without_password(kept.into(), &no_password.password, config::Role::Writer),
+            kept
+        );
+    }
 }

@@ -58,6 +58,10 @@ enum Command {
         /// One JSON document instead of lines for people.
         #[arg(long)]
         json: bool,
+        /// Also log in to each database with the user, password and database of its *_URL or
+        /// *_READONLY_URL, and run `select 1` (the password is read then, and never printed).
+        #[arg(long)]
+        login: bool,
     },
     /// Ask the running tunnel how each add-on is doing: session, connections, bytes, last
     /// error; exit 0 if everything is up, 1 if no tunnel runs, 2 if something is down.
@@ -106,11 +110,12 @@ fn main() -> ExitCode {
         Some(Command::Start { owner_pid }) => daemon::start(lifecycle, owner_pid),
         Some(Command::Stop) => daemon::stop(lifecycle),
         Some(Command::Daemon { owner_pid }) => daemon::daemon(engine, lifecycle, owner_pid),
-        Some(Command::Check { json }) => {
+        Some(Command::Check { json, login }) => {
             let settings = CheckSettings {
                 session: engine.supervisor.session.clone(),
                 registration: engine.registration.clone(),
                 json,
+                login,
             };
             with_runtime(|| check::run(&settings))
         }

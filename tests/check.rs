@@ -4,55 +4,8 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
-use support::{KeyKind, Tunnel};
-
-struct Checked {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Checked {
-    /// The report's line for `step` with its mark (`✓` or `✗`), or a panic showing the report.
-    fn line(&self, mark: &str, step: &str) -> &str {
-        self.stdout
-            .lines()
-            .find(|line| line.trim_start().starts_with(&format!("{mark} {step} ")))
-            .unwrap_or_else(|| panic!("no {mark} {step} line in:\n{}", self.stdout))
-    }
-
-    fn steps(&self) -> Vec<String> {
-        self.stdout
-            .lines()
-            .filter_map(|line| {
-                let line = line.trim_start();
-                let rest = line.strip_prefix("✓ ").or(line.strip_prefix("✗ "))?;
-                Some(rest.split_whitespace().next()?.to_owned())
-            })
-            .collect()
-    }
-}
-
-/// `bpg-tunnel check ARGS` with `vars` as its whole environment (and PATH).
-fn check(vars: &BTreeMap<String, String>, args: &[&str]) -> Checked {
-    let output = Command::new(support::tunnel_binary())
-        .arg("check")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(vars)
-        .output()
-        .expect("run bpg-tunnel check");
-    let checked = Checked {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8(output.stdout).unwrap(),
-        stderr: String::from_utf8(output.stderr).unwrap(),
-    };
-    eprintln!("{}{}", checked.stdout, checked.stderr);
-    checked
-}
+use support::{check, Checked, KeyKind, Tunnel};
 
 /// The lab's secrets, none of which may appear in anything `check` prints.
 fn assert_no_secret(lab: &support::Lab, checked: &Checked) {
@@ -114,6 +67,127 @@ fn a_working_addon_passes_every_step_writer_and_reader() {
     assert_no_secret(&lab, &checked);
 }
 
+/// With `--login`: each forward's channel, then PostgreSQL's answer, then the login.
+const EVERY_STEP_WITH_LOGIN: [&str; 12] = [
+    "config",
+    "dns",
+    "tcp",
+    "handshake",
+    "host-key",
+    "key-accepted",
+    "channel",
+    "postgres",
+    "login",
+    "channel",
+    "postgres",
+    "login",
+];
+
+/// The attachment with `password` in place of the real one in its writer URL.
+fn with_writer_password(lab: &support::Lab, password: &str) -> support::Attachment {
+    let mut db = lab.attachment("DATABASE");
+    let url = format!(
+        "postgres://postgres:{}@pg-tunnel.borealis-data.com:{}/postgres",
+        support::percent_encode(password),
+        db.writer_port
+    );
+    db.set("DATABASE_URL", url);
+    db
+}
+
+#[test]
+fn login_logs_in_to_writer_and_reader_with_the_urls_credentials() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let checked = check(&db.vars, &["--login"]);
+    assert_eq!(checked.code, 0);
+    assert_eq!(checked.steps(), EVERY_STEP_WITH_LOGIN);
+    let logins: Vec<&str> = checked
+        .stdout
+        .lines()
+        .filter(|line| line.contains("✓ login"))
+        .collect();
+    for (line, role) in logins.iter().zip(["writer", "reader"]) {
+        assert!(
+            line.contains(&format!(
+                "{role}: logged in as \"postgres\" to \"postgres\", select 1 answered ("
+            )),
+            "{line}"
+        );
+    }
+    assert!(checked.stdout.ends_with("every add-on passes (1)\n"));
+    assert!(checked.stderr.is_empty(), "{}", checked.stderr);
+    assert_no_secret(&lab, &checked);
+}
+
+#[test]
+fn a_wrong_password_fails_at_login_says_the_credentials_were_refused_and_prints_no_password() {
+    let Some(lab) = support::lab() else { return };
+    const WRONG: &str = "wr0ng/pass@word";
+    let db = with_writer_password(&lab, WRONG);
+    let checked = check(&db.vars, &["--login"]);
+    assert_eq!(checked.code, 1);
+    // Every step before it passed; the writer's login is the one that failed.
+    assert_eq!(checked.steps(), EVERY_STEP_WITH_LOGIN[..9]);
+    assert_eq!(checked.stdout.matches("✗").count(), 1, "{}", checked.stdout);
+    let line = checked.line("✗", "login");
+    assert!(line.contains("writer: the server refused the login as \"postgres\" to \"postgres\": password authentication failed for user \"postgres\" (SQLSTATE 28P01)"), "{line}");
+    assert!(checked.stdout.contains(
+        "what to do: the server refused the user and password in DATABASE_URL: the add-on may have rotated them"
+    ));
+    assert!(checked.stdout.ends_with("1 of 1 add-ons fail\n"));
+    let wrong_encoded = support::percent_encode(WRONG);
+    let right_encoded = support::percent_encode(support::DB_PASSWORD);
+    for secret in [WRONG, "wr0ng", &wrong_encoded, &right_encoded] {
+        for output in [&checked.stdout, &checked.stderr] {
+            assert!(!output.contains(secret), "{secret:?} in:\n{output}");
+        }
+    }
+    assert_no_secret(&lab, &checked);
+}
+
+#[test]
+fn a_database_that_does_not_exist_fails_at_login_naming_it() {
+    let Some(lab) = support::lab() else { return };
+    let mut db = lab.attachment("DATABASE");
+    let url = db.vars["DATABASE_URL"]
+        .strip_suffix("/postgres")
+        .map(|base| format!("{base}/no_such_db"))
+        .unwrap();
+    db.set("DATABASE_URL", url);
+    let checked = check(&db.vars, &["--login"]);
+    assert_eq!(checked.code, 1);
+    let line = checked.line("✗", "login");
+    assert!(
+        line.contains("database \"no_such_db\" does not exist (SQLSTATE 3D000)"),
+        "{line}"
+    );
+    assert!(checked
+        .stdout
+        .contains("what to do: the database \"no_such_db\" named in DATABASE_URL does not exist"));
+    assert_no_secret(&lab, &checked);
+}
+
+#[test]
+fn a_server_that_demands_tls_fails_at_login_saying_so() {
+    let Some(lab) = support::lab() else { return };
+    lab.pg.require_tls();
+    let db = lab.attachment("DATABASE");
+    let checked = check(&db.vars, &["--login"]);
+    assert_eq!(checked.code, 1);
+    assert!(checked
+        .line("✓", "postgres")
+        .contains("writer: PostgreSQL answered (TLS offered)"));
+    let line = checked.line("✗", "login");
+    assert!(
+        line.contains("writer: the server demands TLS for this login"),
+        "{line}"
+    );
+    assert!(line.contains("no encryption"), "{line}");
+    assert!(checked.stdout.contains("PGSSLMODE=require psql"));
+    assert_no_secret(&lab, &checked);
+}
+
 #[test]
 fn json_says_the_same_for_scripts() {
     let Some(lab) = support::lab() else { return };
@@ -148,6 +222,44 @@ fn json_says_the_same_for_scripts() {
         }
         assert_no_secret(&lab, &checked);
     }
+}
+
+#[test]
+fn json_with_login_has_a_login_step_per_forward() {
+    let Some(lab) = support::lab() else { return };
+    let checked = check(
+        &with_writer_password(&lab, "wrong").vars,
+        &["--json", "--login"],
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&checked.stdout).expect("one JSON document");
+    assert_eq!(report["ok"], false);
+    let steps = report["addons"][0]["steps"].as_array().unwrap();
+    let failed = steps.last().unwrap();
+    assert_eq!(failed["step"], "login");
+    assert_eq!(failed["ok"], false);
+    assert!(failed["ms"].is_u64());
+    assert!(failed["advice"].as_str().unwrap().contains("DATABASE_URL"));
+
+    let checked = check(&lab.attachment("DATABASE").vars, &["--json", "--login"]);
+    assert_eq!(checked.code, 0);
+    let report: serde_json::Value =
+        serde_json::from_str(&checked.stdout).expect("one JSON document");
+    assert_eq!(report["ok"], true);
+    let steps = report["addons"][0]["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps
+        .iter()
+        .map(|step| step["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, EVERY_STEP_WITH_LOGIN);
+    let login = &steps[8];
+    assert_eq!(login["ok"], true);
+    assert!(login["ms"].is_u64());
+    assert!(login["detail"]
+        .as_str()
+        .unwrap()
+        .contains("writer: logged in as \"postgres\" to \"postgres\", select 1 answered"));
+    assert_no_secret(&lab, &checked);
 }
 
 #[test]

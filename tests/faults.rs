@@ -73,6 +73,16 @@ fn open_fds(pid: i32) -> usize {
         .count()
 }
 
+/// The daemon's open descriptors once back to `baseline`, or after `within` if they are not:
+/// what a closed connection held is released a moment later, by another task.
+fn fds_back_to(pid: i32, baseline: usize, within: Duration) -> usize {
+    let started = Instant::now();
+    while open_fds(pid) > baseline && started.elapsed() < within {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    open_fds(pid)
+}
+
 #[test]
 fn a_killed_session_under_load_fails_only_what_was_open_and_new_queries_resume_within_1s() {
     let _one = one_at_a_time();
@@ -379,11 +389,7 @@ fn clients_that_never_send_half_close_or_reset_leave_no_descriptor_behind() {
         std::thread::sleep(Duration::from_millis(500));
         let during = open_fds(tunnel.pid());
         drop(held);
-        let started = Instant::now();
-        while open_fds(tunnel.pid()) > baseline && started.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let after = open_fds(tunnel.pid());
+        let after = fds_back_to(tunnel.pid(), baseline, Duration::from_secs(10));
         eprintln!("round {round}: descriptors {baseline} before, {during} with 60 odd clients, {after} after");
         assert!(
             after <= baseline,
@@ -685,11 +691,7 @@ fn a_thousand_connections_at_once_are_all_served_and_all_given_back() {
     let (rss_held, _) = rss_and_cpu(pid);
     let fds_held = open_fds(pid);
     drop(clients);
-    let closing = Instant::now();
-    while open_fds(pid) > fds_before && closing.elapsed() < T {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let fds_after = open_fds(pid);
+    let fds_after = fds_back_to(pid, fds_before, T);
     eprintln!(
         "1,000 connections: all echoed in {all_served:?}; RSS {:.1} MB idle, {:.1} MB holding them; \
          descriptors {fds_before} idle, {fds_held} holding them, {fds_after} after",
@@ -804,11 +806,7 @@ fn soak_under_pgbench_with_the_session_killed_every_30s_leaks_nothing() {
         load(&totals.failed),
         load(&totals.transactions),
     );
-    let settling = Instant::now();
-    while open_fds(pid) > idle_fds && settling.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let fds_after = open_fds(pid);
+    let fds_after = fds_back_to(pid, idle_fds, Duration::from_secs(10));
     eprintln!(
         "soak, {kills} sessions killed; pgbench: {transactions} transactions in {runs} runs, \
          {cut_short} cut short, {failed} failed; descriptors {idle_fds} idle before, {fds_after} after"

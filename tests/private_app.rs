@@ -392,28 +392,16 @@ fn the_tests_api_ca_is_trusted_by_test_builds_only() {
     assert_no_token(&tunnel.lines());
 }
 
-/// `bpg-tunnel check` on a private-app add-on; (exit code, stdout, stderr).
-fn check(vars: &BTreeMap<String, String>) -> (i32, String, String) {
-    let output = std::process::Command::new(support::tunnel_binary())
-        .arg("check")
-        .env_clear()
-        .envs(vars)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8(output.stdout).unwrap(),
-        String::from_utf8(output.stderr).unwrap(),
-    );
-    eprintln!("{stdout}{stderr}");
-    (output.status.code().unwrap_or(-1), stdout, stderr)
-}
-
 #[test]
 fn check_registers_under_its_own_id_removes_it_and_names_a_refused_token() {
     let api = FakeApi::start();
     let state = tempfile::tempdir().unwrap();
     let vars = private_app(&api, "DATABASE", state.path());
-    let (code, stdout, stderr) = check(&vars);
+    let support::Checked {
+        code,
+        stdout,
+        stderr,
+    } = support::check(&vars, &[]);
     assert_eq!(code, 0);
     assert!(stdout.contains("DATABASE (DATABASE_TUNNEL_BPG_CONN_INFO, private-app-tunnel)"));
     for step in ["✓ config", "✓ api", "✓ token"] {
@@ -433,7 +421,11 @@ fn check_registers_under_its_own_id_removes_it_and_names_a_refused_token() {
     assert_no_token(&[stdout, stderr]);
 
     api.set_default(Reply::Status(401));
-    let (code, stdout, stderr) = check(&vars);
+    let support::Checked {
+        code,
+        stdout,
+        stderr,
+    } = support::check(&vars, &[]);
     assert_eq!(code, 1);
     assert!(stdout.contains("✓ api"), "{stdout}");
     let refused = stdout

@@ -1,9 +1,13 @@
-//! The parts of `P_URL` / `P_READONLY_URL` the tunnel needs: where the app will connect.
+//! The parts of `P_URL` / `P_READONLY_URL` the tunnel needs: where the app will connect; and,
+//! for `check --login` only, who it logs in as ([`login`]).
 //!
 //! The URL carries the database password, so nothing here ever formats the URL itself; problems
 //! are described by what was expected.
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+
+use zeroize::Zeroizing;
 
 /// The public DNS name the add-on puts in `P_URL` in SSH-forward mode; it resolves to 127.0.0.1.
 pub const TUNNEL_HOST_NAME: &str = "pg-tunnel.borealis-data.com";
@@ -42,9 +46,93 @@ pub enum UrlProblem {
     Ambiguous,
 }
 
+/// What `check --login` logs in with, read from the URL the app uses.
+#[derive(Debug)]
+pub struct Login {
+    pub user: String,
+    pub password: Password,
+    /// The URL's path, or the user name when it has none (libpq's default).
+    pub dbname: String,
+}
+
+/// A database password, percent-decoded: its `Debug` never shows it, and its buffer is wiped
+/// when dropped.
+pub struct Password(Zeroizing<Vec<u8>>);
+
+impl Password {
+    /// The bytes, for the one place that sends them: the login itself.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginProblem {
+    #[error(transparent)]
+    Url(#[from] UrlProblem),
+    #[error("names no user to log in as; expected postgres://USER:PASSWORD@HOST:PORT/DATABASE")]
+    NoUser,
+    #[error(
+        "has a {0} that is not UTF-8 once percent-decoded; expected the add-on's value, unedited"
+    )]
+    NotUtf8(&'static str),
+}
+
 pub fn parse(value: &str) -> Result<DbUrl, UrlProblem> {
-    // The parser keeps a copy of what it parses: give it the URL without its user and password.
-    let url = url::Url::parse(&without_userinfo(value.trim())?).map_err(|error| match error {
+    let (_, public) = split_userinfo(value.trim())?;
+    parse_public(&public).map(|(_, db_url)| db_url)
+}
+
+/// The user, password and database `value` names, as libpq reads them (each percent-decoded).
+/// Only `check --login` calls this: the tunnel itself never needs the password.
+pub fn login(value: &str) -> Result<Login, LoginProblem> {
+    let (userinfo, public) = split_userinfo(value.trim())?;
+    let (url, _) = parse_public(&public)?;
+    // libpq ends the user name at the first ':'; everything after it is the password.
+    let (user, password) = match userinfo {
+        Some(userinfo) => userinfo.split_once(':').unwrap_or((userinfo, "")),
+        None => ("", ""),
+    };
+    let user = decode_text(user, "user name")?;
+    if user.is_empty() {
+        return Err(LoginProblem::NoUser);
+    }
+    // Decoding never lengthens, so the buffer never regrows and leaves no copy behind.
+    let mut decoded = Zeroizing::new(Vec::with_capacity(password.len()));
+    decoded.extend(percent_encoding::percent_decode_str(password));
+    let dbname = decode_text(url.path().strip_prefix('/').unwrap_or(""), "database name")?;
+    let dbname = if dbname.is_empty() {
+        user.clone()
+    } else {
+        dbname
+    };
+    Ok(Login {
+        user,
+        password: Password(decoded),
+        dbname,
+    })
+}
+
+fn decode_text(encoded: &str, what: &'static str) -> Result<String, LoginProblem> {
+    percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| LoginProblem::NotUtf8(what))
+}
+
+/// Parses a URL that no longer has user information: the parser keeps a copy of what it parses.
+fn parse_public(public: &str) -> Result<(url::Url, DbUrl), UrlProblem> {
+    let url = url::Url::parse(public).map_err(|error| match error {
         url::ParseError::InvalidPort => UrlProblem::BadPort,
         url::ParseError::EmptyHost => UrlProblem::NoHost,
         _ => UrlProblem::NotAUrl,
@@ -70,20 +158,22 @@ pub fn parse(value: &str) -> Result<DbUrl, UrlProblem> {
         Some(port) => (port, false),
         None => (DEFAULT_PG_PORT, true),
     };
-    Ok(DbUrl {
+    let db_url = DbUrl {
         host,
         port,
         port_defaulted,
-    })
+    };
+    Ok((url, db_url))
 }
 
-/// `value` without the `user:password@` of its authority (and unchanged when it has none).
-/// A URL that clients could read two ways is refused: libpq ends the user information at the
-/// first `@` and does not end the authority at `?` or `#`, where the URL standard does both, and
-/// the tunnel must listen on the very port the app's client will connect to.
-fn without_userinfo(value: &str) -> Result<String, UrlProblem> {
+/// The `user:password` of `value`'s authority, as written (a slice of `value`, not a copy), and
+/// `value` without it. A URL that clients could read two ways is refused: libpq ends the user
+/// information at the first `@` and does not end the authority at `?` or `#`, where the URL
+/// standard does both, and the tunnel must listen on the very port the app's client will
+/// connect to.
+fn split_userinfo(value: &str) -> Result<(Option<&str>, String), UrlProblem> {
     let Some((scheme, rest)) = value.split_once("://") else {
-        return Ok(value.to_owned());
+        return Ok((None, value.to_owned()));
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
@@ -96,10 +186,11 @@ fn without_userinfo(value: &str) -> Result<String, UrlProblem> {
     if authority.matches('@').count() > 1 || at_after_query {
         return Err(UrlProblem::Ambiguous);
     }
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    Ok(format!("{scheme}://{host}{path}"))
+    let (userinfo, host) = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => (Some(userinfo), host),
+        None => (None, authority),
+    };
+    Ok((userinfo, format!("{scheme}://{host}{path}")))
 }
 
 fn classify_ip(ip: IpAddr) -> UrlHost {
@@ -226,6 +317,11 @@ mod tests {
         );
     }
 
+    /// What the URL parser is given: `value` without the `user:password@` of its authority.
+    fn without_userinfo(value: &str) -> Result<String, UrlProblem> {
+        split_userinfo(value).map(|(_, public)| public)
+    }
+
     #[test]
     fn the_parser_never_sees_the_password() {
         assert_eq!(
@@ -249,10 +345,88 @@ mod tests {
         assert!(parse("postgres://u:p@h:1/db?options=a@b").is_ok());
     }
 
+    #[test]
+    fn login_reads_user_password_and_database_percent_decoded() {
+        let parsed =
+            login_of("postgres://us%40er:s3cr%2Ft%20p%40ss%7Cw%3Ard@127.0.0.1:5000/my%20db?x=1");
+        assert_eq!(parsed.user, "us@er");
+        assert_eq!(parsed.password.expose(), b"s3cr/t p@ss|w:rd");
+        assert_eq!(parsed.dbname, "my db");
+        // A ':' ends the user name; the password keeps any later one.
+        let parsed = login_of("postgresql://u:a:b@pg-tunnel.borealis-data.com:5000/db");
+        assert_eq!(parsed.user, "u");
+        assert_eq!(parsed.password.expose(), b"a:b");
+    }
+
+    fn login_of(value: &str) -> Login {
+        login(value).unwrap()
+    }
+
+    #[test]
+    fn login_without_a_database_uses_the_user_name_like_libpq() {
+        for url in [
+            "postgres://alice:pw@127.0.0.1:5000",
+            "postgres://alice:pw@127.0.0.1:5000/",
+            "postgres://alice:pw@127.0.0.1:5000?sslmode=disable",
+        ] {
+            assert_eq!(login_of(url).dbname, "alice", "{url}");
+        }
+        assert!(login_of("postgres://alice@127.0.0.1:5000/db")
+            .password
+            .is_empty());
+    }
+
+    #[test]
+    fn login_problems_are_named_without_the_password() {
+        assert_eq!(
+            login("postgres://127.0.0.1:5000/db").unwrap_err(),
+            LoginProblem::NoUser
+        );
+        assert_eq!(
+            login("postgres://:hunter2@127.0.0.1:5000/db").unwrap_err(),
+            LoginProblem::NoUser
+        );
+        assert_eq!(
+            login("postgres://u%ff:hunter2@127.0.0.1:5000/db").unwrap_err(),
+            LoginProblem::NotUtf8("user name")
+        );
+        assert_eq!(
+            login("postgres://u:hunter2@a@127.0.0.1:5000/db").unwrap_err(),
+            LoginProblem::Url(UrlProblem::Ambiguous)
+        );
+        assert_eq!(
+            login("hunter2:x@h/db").unwrap_err(),
+            LoginProblem::Url(UrlProblem::WrongScheme)
+        );
+        for problem in [
+            LoginProblem::NoUser,
+            LoginProblem::NotUtf8("database name"),
+            LoginProblem::Url(UrlProblem::Ambiguous),
+        ] {
+            assert!(!problem.to_string().contains("hunter2"));
+        }
+    }
+
+    #[test]
+    fn a_password_never_shows_in_debug_output() {
+        let parsed = login_of("postgres://alice:hunter2@127.0.0.1:5000/db");
+        let shown = format!("{parsed:?} {:?}", parsed.password);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("alice") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
+
     proptest! {
         #[test]
         fn never_panics(raw in any::<String>()) {
             let _ = parse(&raw);
+        }
+
+        #[test]
+        fn login_never_panics(raw in any::<String>()) {
+            let _ = login(&raw);
         }
 
         #[test]

@@ -117,6 +117,58 @@ impl Postgres {
         let _ = self.child.wait();
     }
 
+    /// Makes the server admit TCP logins only over TLS (a self-signed certificate, `hostssl`
+    /// lines only), as a server that demands TLS does, and waits until a login without TLS is
+    /// refused.
+    pub fn require_tls(&self) {
+        let data = self._dir.path().join("data");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
+        // PostgreSQL refuses a key file that others can read.
+        std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        for file in ["server.crt", "server.key"] {
+            give_to_postgres(&data.join(file));
+        }
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str("\nssl = on\n");
+        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.0/8 scram-sha-256\n",
+        )
+        .unwrap();
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        // The reload is asynchronous: wait until a login without TLS is turned away.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let output = Command::new("psql")
+                .args(["-X", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-U", "postgres", "-d", "postgres", "-c", "select 1"])
+                .env("PGPASSWORD", DB_PASSWORD)
+                .env("PGSSLMODE", "disable")
+                .output()
+                .expect("run psql");
+            if String::from_utf8_lossy(&output.stderr).contains("no encryption") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server still admits logins without TLS: {}",
+                std::fs::read_to_string(self._dir.path().join("postgres.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Starts it again, on the same port with the same data, and waits until it accepts.
     pub fn start_again(&mut self) {
         self.child = launch(&self.pg_bin, self._dir.path(), self.port);

@@ -1,6 +1,7 @@
-//! bpg-tunnel under test: the binary (debug, or the release build CI names), its tarball, and a
-//! running process whose output the test reads.
+//! bpg-tunnel under test: the binary (debug, or the release build CI names), its tarball, a
+//! running process whose output the test reads, and `bpg-tunnel check` run to its end.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -248,6 +249,55 @@ impl Drop for Tunnel {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What `bpg-tunnel check` printed, and how it exited.
+pub struct Checked {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Checked {
+    /// The report's line for `step` with its mark (`✓` or `✗`), or a panic showing the report.
+    pub fn line(&self, mark: &str, step: &str) -> &str {
+        self.stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{mark} {step} ")))
+            .unwrap_or_else(|| panic!("no {mark} {step} line in:\n{}", self.stdout))
+    }
+
+    /// The steps of the report, in order.
+    pub fn steps(&self) -> Vec<String> {
+        self.stdout
+            .lines()
+            .filter_map(|line| {
+                let line = line.trim_start();
+                let rest = line.strip_prefix("✓ ").or(line.strip_prefix("✗ "))?;
+                Some(rest.split_whitespace().next()?.to_owned())
+            })
+            .collect()
+    }
+}
+
+/// `bpg-tunnel check ARGS` with `vars` as its whole environment (and PATH); what it printed is
+/// echoed into the test's output.
+pub fn check(vars: &BTreeMap<String, String>, args: &[&str]) -> Checked {
+    let output = Command::new(tunnel_binary())
+        .arg("check")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(vars)
+        .output()
+        .expect("run bpg-tunnel check");
+    let checked = Checked {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8(output.stdout).unwrap(),
+        stderr: String::from_utf8(output.stderr).unwrap(),
+    };
+    eprintln!("{}{}", checked.stdout, checked.stderr);
+    checked
 }
 
 /// The pid the daemon wrote into its pid file under `state` (its `BPG_TUNNEL_STATE_DIR`).
