@@ -469,6 +469,10 @@ async fn databases_reachable(
                     }
                 }
                 Ok(Err(ChannelError::SessionGone { .. })) => {
+                    // Until the supervisor has seen the end too, or a pause has passed: never
+                    // a busy loop on a session that fails channels without closing.
+                    let pause = deadline.min(tokio::time::Instant::now() + PROBE_RETRY);
+                    let _ = tokio::time::timeout_at(pause, session.closed().cancelled()).await;
                     session_gone = true;
                     break;
                 }
@@ -478,8 +482,10 @@ async fn databases_reachable(
                         error!(event = "database-unreachable", addon, role = %forward.role, target, var = %forward.url_var, error = %refused, "the SSH session is up, but its server cannot reach the database");
                     }
                 }
+                // The ready timeout came while the server was still connecting: slow, or a host
+                // that does not answer; the connections will tell.
                 Err(_) => {
-                    error!(event = "database-unreachable", addon, role = %forward.role, target, var = %forward.url_var, error = "the SSH server did not manage to reach it in time", "the SSH session is up, but its server cannot reach the database");
+                    warn!(event = "database-not-reached", addon, role = %forward.role, target, var = %forward.url_var, "the SSH server had not reached the database by the ready timeout");
                     return false;
                 }
             }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -55,6 +55,8 @@ impl Health {
     /// Answers until `shutdown`.
     pub async fn serve(self, stats: Arc<Stats>, shutdown: CancellationToken) {
         let connections = TaskTracker::new();
+        // Accept errors come in bursts (EMFILE): one line per interval.
+        let mut last_said: Option<tokio::time::Instant> = None;
         loop {
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
@@ -63,7 +65,10 @@ impl Health {
             let stream = match accepted {
                 Ok((stream, _)) => stream,
                 Err(accept_error) => {
-                    warn!(event = "health-accept-failed", error = %accept_error);
+                    if last_said.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                        warn!(event = "health-accept-failed", error = %accept_error);
+                        last_said = Some(tokio::time::Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -97,7 +102,11 @@ impl Health {
 
 fn answer(request: &Request<Incoming>, stats: &Stats) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
     }
     match request.uri().path() {
         "/startup" => match stats.phase() {

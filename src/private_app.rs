@@ -283,6 +283,8 @@ impl Registration {
             };
             let error = match result {
                 Ok(()) => {
+                    // Counted first: whoever reads the line may ask `status` at once.
+                    stats.renewed();
                     info!(
                         event = "private-tunnel-registered",
                         addon,
@@ -290,7 +292,6 @@ impl Registration {
                         ms = started.elapsed().as_millis() as u64
                     );
                     self.registered.send_replace(true);
-                    stats.renewed();
                     break Instant::now();
                 }
                 Err(error) => error,
@@ -330,8 +331,8 @@ impl Registration {
             };
             match result {
                 Ok(()) => {
-                    info!(event = "private-tunnel-extended", addon, client_id);
                     stats.renewed();
+                    info!(event = "private-tunnel-extended", addon, client_id);
                     last_ok = Instant::now();
                     refusals.reset();
                     next = last_ok + self.settings.extend_interval;

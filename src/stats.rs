@@ -122,6 +122,10 @@ impl Stats {
     /// The Prometheus (OpenMetrics) text of every figure.
     pub fn prometheus(&self) -> String {
         self.rss.set(rss_bytes().unwrap_or(0) as i64);
+        for registration in &self.registrations {
+            // Reading the state refreshes its expiry gauge.
+            registration.state();
+        }
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);

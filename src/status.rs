@@ -3,11 +3,16 @@
 //! Every serving process (the daemon, `run`, the foreground form) answers on a Unix socket,
 //! `bpg-tunnel.sock`, in the first usable place of the pid file's order (a directory of this
 //! user's that no other user can write to); the socket itself is owner-only, and a peer of
-//! another user is refused. A connection gets one JSON document and is closed. `status` asks the
-//! first socket that answers and prints what it got, for people or (`--json`) as it came.
+//! another user is refused. Who answers there is decided by a `flock` on `bpg-tunnel.sock.lock`,
+//! held for the process's life: the kernel lets go of it when the process dies, so a socket file
+//! left behind is known to be stale, and two tunnels starting at once never remove each other's
+//! socket. A connection gets one JSON document and is closed. `status` asks the first socket
+//! that answers and prints what it got, for people or (`--json`) as it came.
 
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,9 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::lifecycle::{check_private, private_dir, state_dirs};
-use crate::stats::{rss_bytes, Stats};
+use crate::stats::{rss_bytes, Phase, Stats};
 
 const SOCKET_NAME: &str = "bpg-tunnel.sock";
+const LOCK_NAME: &str = "bpg-tunnel.sock.lock";
 
 /// How long a reader gets to take the answer; the tunnel never waits on it longer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -31,8 +37,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct StatusSocket {
     listener: UnixListener,
     path: PathBuf,
-    /// The socket file's inode, so that only our own file is removed at the end.
-    inode: u64,
+    /// Held while this process answers at `path`.
+    _lock: File,
 }
 
 impl StatusSocket {
@@ -47,29 +53,32 @@ impl StatusSocket {
                 continue;
             }
             let path = dir.join(SOCKET_NAME);
-            match std::os::unix::net::UnixStream::connect(&path) {
-                Ok(_) => {
+            let lock = match lock(&dir.join(LOCK_NAME)) {
+                Ok(Some(lock)) => lock,
+                Ok(None) => {
                     info!(event = "status-socket-taken", path = %path.display(), "another bpg-tunnel answers `status` here; this one does not");
                     return None;
                 }
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                // Left by a process that is gone: only a socket is ever removed.
-                Err(_) => {
-                    let stale = std::fs::symlink_metadata(&path)
-                        .is_ok_and(|meta| meta.file_type().is_socket());
-                    if !stale || std::fs::remove_file(&path).is_err() {
-                        problems.push(format!("{}: in the way", path.display()));
-                        continue;
-                    }
+                Err(error) => {
+                    problems.push(format!("{}: {error}", dir.join(LOCK_NAME).display()));
+                    continue;
                 }
+            };
+            // Whatever is at the socket's path was left by a process that is gone.
+            match std::fs::remove_file(&path) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    problems.push(format!("{}: {error}", path.display()));
+                    continue;
+                }
+                _ => {}
             }
             match bind_owner_only(&path) {
-                Ok((listener, inode)) => {
+                Ok(listener) => {
                     debug!(event = "status-socket", path = %path.display());
                     return Some(StatusSocket {
                         listener,
                         path,
-                        inode,
+                        _lock: lock,
                     });
                 }
                 Err(error) => problems.push(format!("{}: {error}", path.display())),
@@ -99,18 +108,35 @@ impl StatusSocket {
             let answer = snapshot(&stats).to_string();
             let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(answer.as_bytes())).await;
         }
-        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|meta| meta.ino() == self.inode);
-        if ours {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        // Removed while the lock is still held: no newcomer has bound there yet.
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
-fn bind_owner_only(path: &Path) -> std::io::Result<(UnixListener, u64)> {
+/// The lock on `path`, or `None` when a live process holds it.
+fn lock(path: &Path) -> std::io::Result<Option<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        return match error.kind() {
+            std::io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(error),
+        };
+    }
+    Ok(Some(file))
+}
+
+fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let inode = std::fs::symlink_metadata(path)?.ino();
-    Ok((listener, inode))
+    Ok(listener)
 }
 
 /// What `status --json` prints.
@@ -161,7 +187,7 @@ fn snapshot(stats: &Stats) -> Value {
         "started_at": time(stats.started()),
         "uptime_s": now.duration_since(stats.started()).unwrap_or_default().as_secs(),
         "phase": stats.phase().name(),
-        "all_up": stats.all_up(),
+        "all_up": stats.phase() == Phase::Serving && stats.all_up(),
         "rss_bytes": rss_bytes(),
         "addons": addons,
         "registrations": registrations,
@@ -190,10 +216,30 @@ const NOT_ALL_UP: u8 = 2;
 /// when no tunnel runs, 2 when something is down.
 pub fn run(settings: &StatusSettings) -> ExitCode {
     let dirs = state_dirs(settings.state_dir.as_deref());
-    let Some(answer) = dirs.iter().find_map(|dir| ask(&dir.join(SOCKET_NAME))) else {
+    let mut silent = Vec::new();
+    let mut answer = None;
+    for path in dirs.iter().map(|dir| dir.join(SOCKET_NAME)) {
+        match ask(&path) {
+            Asked::Answer(value) => {
+                answer = Some(value);
+                break;
+            }
+            Asked::Silent(why) => silent.push(format!("{}: {why}", path.display())),
+            Asked::Nobody => {}
+        }
+    }
+    let Some(answer) = answer else {
         let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
         if settings.json {
-            println!("{}", json!({"running": false, "looked_in": looked}));
+            println!(
+                "{}",
+                json!({"running": false, "looked_in": looked, "no_answer": silent})
+            );
+        } else if !silent.is_empty() {
+            println!(
+                "a bpg-tunnel socket is there, but nothing answered on it ({}); is `status` run as the user the tunnel runs as?",
+                silent.join("; ")
+            );
         } else {
             println!(
                 "no bpg-tunnel is running here (looked for {SOCKET_NAME} in {})",
@@ -213,21 +259,41 @@ pub fn run(settings: &StatusSettings) -> ExitCode {
     ExitCode::from(if all_up { UP } else { NOT_ALL_UP })
 }
 
-/// The answer of the socket at `path`, if a tunnel of this user's answers there.
-fn ask(path: &Path) -> Option<Value> {
-    check_private(path.parent()?).ok()?;
-    let mut stream = std::os::unix::net::UnixStream::connect(path).ok()?;
-    stream.set_read_timeout(Some(WRITE_TIMEOUT)).ok()?;
+enum Asked {
+    Answer(Value),
+    /// Nothing listens there.
+    Nobody,
+    /// Something accepted the connection but gave no usable answer, and why.
+    Silent(String),
+}
+
+/// What the socket at `path` answers, if a tunnel of this user's listens there.
+fn ask(path: &Path) -> Asked {
+    if path.parent().is_none_or(|dir| check_private(dir).is_err()) {
+        return Asked::Nobody;
+    }
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(path) else {
+        return Asked::Nobody;
+    };
+    if stream.set_read_timeout(Some(WRITE_TIMEOUT)).is_err() {
+        return Asked::Silent("cannot set a read timeout".into());
+    }
     let _ = stream.flush();
     let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    serde_json::from_str(&text).ok()
+    if let Err(error) = stream.read_to_string(&mut text) {
+        return Asked::Silent(error.to_string());
+    }
+    match serde_json::from_str(&text) {
+        Ok(value) => Asked::Answer(value),
+        Err(_) if text.is_empty() => Asked::Silent("the connection was closed unanswered".into()),
+        Err(_) => Asked::Silent("the answer is not JSON".into()),
+    }
 }
 
 /// The answer for people: a head line, then a few lines per add-on.
 fn human(answer: &Value) -> String {
     let mut out = format!(
-        "bpg-tunnel {} (pid {}), {} for {}, memory {}\n",
+        "bpg-tunnel {} (pid {}), {}, running for {}, memory {}\n",
         answer["version"].as_str().unwrap_or("?"),
         answer["pid"],
         answer["phase"].as_str().unwrap_or("?"),
@@ -324,6 +390,7 @@ mod tests {
     #[test]
     fn the_answer_for_people_says_what_is_down_and_why() {
         let stats = Stats::new(&[("DATABASE".into(), "ssh.example:22".into())], &[]);
+        stats.advance(Phase::Serving);
         let addon = stats.addon("DATABASE").unwrap();
         addon.session_up(false);
         addon.session_down("no answer to keepalives for 9000 ms".into());
