@@ -25,7 +25,7 @@ use crate::private_app::{self, Registration, RegistrationSettings};
 use crate::ssh::ChannelError;
 use crate::stats::{Phase, Stats};
 use crate::status::StatusSocket;
-use crate::supervisor::{SessionSlot, Supervisor, SupervisorSettings};
+use crate::supervisor::{usable, SessionSlot, Supervisor, SupervisorSettings};
 
 /// How long stopping may take once connections are cut (room for a private-app deregistration):
 /// within Heroku's SIGKILL budget even after a full drain.
@@ -439,9 +439,7 @@ async fn databases_reachable(
     let mut reached = vec![false; forwards.len()];
     let mut said = vec![false; forwards.len()];
     while reached.contains(&false) {
-        let ready =
-            |s: &Option<Arc<crate::ssh::Session>>| s.as_ref().is_some_and(|s| !s.is_closed());
-        let session = match tokio::time::timeout_at(deadline, slot.wait_for(ready)).await {
+        let session = match tokio::time::timeout_at(deadline, slot.wait_for(usable)).await {
             Ok(Ok(session)) => session.clone().expect("wait_for guarantees Some"),
             _ => return false,
         };

@@ -22,7 +22,7 @@ use tracing::{debug, error, warn};
 use crate::config::Forward;
 use crate::ssh::ChannelError;
 use crate::stats::AddonStats;
-use crate::supervisor::SessionSlot;
+use crate::supervisor::{usable, SessionSlot};
 
 /// At most one `accept-failed` line per listener this often.
 const ACCEPT_FAILED_EVERY: Duration = Duration::from_secs(10);
@@ -146,16 +146,12 @@ impl Connection {
         let stats = &self.stats;
         let _open = stats.connection_opened();
         debug!(event = "connection-open", addon, %role, %peer);
-        let ready = |s: &Option<_>| {
-            s.as_ref()
-                .is_some_and(|s: &Arc<crate::ssh::Session>| !s.is_closed())
-        };
-        if !ready(&sessions.borrow()) {
+        if !usable(&sessions.borrow()) {
             stats.waited.inc();
         }
         loop {
             let waited = tokio::select! {
-                waited = tokio::time::timeout_at(deadline, sessions.wait_for(ready)) => {
+                waited = tokio::time::timeout_at(deadline, sessions.wait_for(usable)) => {
                     waited.map(|slot| slot.map(|session| session.clone()))
                 }
                 () = shutdown.cancelled() => return,

@@ -153,7 +153,7 @@ fn snapshot(stats: &Stats) -> Value {
                 "session": {
                     "up": session.up,
                     "since": session.since.map(time),
-                    "last_error": session.last_error.map(|(at, error)| json!({"at": time(at), "error": error})),
+                    "last_error": session.last_error.map(error_at),
                 },
                 "reconnects": addon.reconnects.get(),
                 "connections": {
@@ -177,7 +177,7 @@ fn snapshot(stats: &Stats) -> Value {
                 "registered": state.registered,
                 "last_renewed": state.last_renewed.map(time),
                 "expires_at": state.expires_at().map(time),
-                "last_error": state.last_error.map(|(at, error)| json!({"at": time(at), "error": error})),
+                "last_error": state.last_error.map(error_at),
             })
         })
         .collect();
@@ -192,6 +192,10 @@ fn snapshot(stats: &Stats) -> Value {
         "addons": addons,
         "registrations": registrations,
     })
+}
+
+fn error_at((at, error): (SystemTime, String)) -> Value {
+    json!({"at": time(at), "error": error})
 }
 
 fn time(at: SystemTime) -> String {
@@ -327,13 +331,7 @@ fn human(answer: &Value) -> String {
             "    bytes: {} up, {} down; reconnects: {}\n",
             addon["bytes"]["up"], addon["bytes"]["down"], addon["reconnects"]
         );
-        if let Some(error) = session["last_error"].as_object() {
-            out += &format!(
-                "    last error ({}): {}\n",
-                error["at"].as_str().unwrap_or("?"),
-                error["error"].as_str().unwrap_or("?")
-            );
-        }
+        out += &last_error(&session["last_error"]);
     }
     for registration in answer["registrations"].as_array().into_iter().flatten() {
         let registered = registration["registered"].as_bool().unwrap_or(false);
@@ -354,13 +352,7 @@ fn human(answer: &Value) -> String {
             out += &format!(", expires {expires} unless renewed");
         }
         out += "\n";
-        if let Some(error) = registration["last_error"].as_object() {
-            out += &format!(
-                "    last error ({}): {}\n",
-                error["at"].as_str().unwrap_or("?"),
-                error["error"].as_str().unwrap_or("?")
-            );
-        }
+        out += &last_error(&registration["last_error"]);
     }
     out += if answer["all_up"].as_bool().unwrap_or(false) {
         "everything is up\n"
@@ -368,6 +360,18 @@ fn human(answer: &Value) -> String {
         "not everything is up\n"
     };
     out
+}
+
+/// The `last error` line, or nothing when there was none.
+fn last_error(error: &Value) -> String {
+    match error.as_object() {
+        Some(error) => format!(
+            "    last error ({}): {}\n",
+            error["at"].as_str().unwrap_or("?"),
+            error["error"].as_str().unwrap_or("?")
+        ),
+        None => String::new(),
+    }
 }
 
 /// ` (5m 3s ago)`, when `at` can be read.

@@ -25,6 +25,11 @@ const MAX_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(600);
 
 pub type SessionSlot = watch::Receiver<Option<Arc<Session>>>;
 
+/// Whether a slot's session can carry channels: published and not yet seen to end.
+pub fn usable(slot: &Option<Arc<Session>>) -> bool {
+    slot.as_ref().is_some_and(|session| !session.is_closed())
+}
+
 /// How a supervisor keeps its sessions; see [`crate::options::Options`].
 #[derive(Debug, Clone)]
 pub struct SupervisorSettings {
