@@ -1,5 +1,5 @@
 # Shortcuts for the scripts under scripts/ (each installs what it needs).
-.PHONY: test bench bench-smoke demo dist fuzz
+.PHONY: test bench bench-smoke demo dist fuzz lint-workflows reproducible
 
 test:
 	scripts/test.sh
@@ -21,3 +21,9 @@ dist:
 fuzz:
 	scripts/patch-russh.sh
 	BPG_TUNNEL_FUZZ_CASES=100000 cargo test --locked --features test-api-ca --lib
+
+lint-workflows:
+	scripts/lint-workflows.sh
+
+reproducible:
+	scripts/reproducible.sh

@@ -2,7 +2,8 @@
 # Installs what the tests and the demo need, and nothing when it is already there:
 # OpenSSH's sshd, ssh and ssh-keygen, autossh, PostgreSQL's server binaries, psql and pgbench,
 # nftables;
-# then the patched russh the build needs (scripts/patch-russh.sh).
+# then the toolchain and targets of the release build (scripts/toolchain.sh), and the patched
+# russh the build needs (scripts/patch-russh.sh).
 set -euo pipefail
 
 need=()
@@ -26,6 +27,5 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # Debian's postgresql package starts a cluster of its own; the lab starts private ones instead.
-command -v cargo >/dev/null || { echo "cargo is required (rustup)"; exit 1; }
-
+"$(dirname "$0")/toolchain.sh"
 "$(dirname "$0")/patch-russh.sh"

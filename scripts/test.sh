@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, lints, our russh patch (it still applies to the pinned release;
+# Runs every test: formatting, lints (the code, and the release workflow), our russh patch (it still applies to the pinned release;
 # russh's own tests and the patch's pass), unit and property tests, and the end-to-end tests
 # against a real OpenSSH sshd and PostgreSQL (started on loopback by the test harness), first
-# with the debug build, then with the static release binary and its tarball, which the buildpack
-# tests install the way a user's build does.
+# with the debug build, then with the static release binaries (x86_64, and aarch64 under qemu)
+# and the self-contained buildpack, which the buildpack tests install the way a user's build
+# does. The release is built a second time elsewhere to check that it is reproducible.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo clippy --all-targets --locked --features test-api-ca -- -D warnings
+scripts/lint-workflows.sh
 scripts/dist.sh
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 release_bin="$PWD/target/x86_64-unknown-linux-musl/release/bpg-tunnel"
 release_tarball="$PWD/dist/bpg-tunnel-$version-x86_64-unknown-linux-musl.tar.gz"
+arm64_tarball="$PWD/dist/bpg-tunnel-$version-aarch64-unknown-linux-musl.tar.gz"
+buildpack_tgz="$PWD/dist/bpg-tunnel-buildpack-$version.tgz"
+echo "-----> the release again, from another directory: the same bytes?"
+scripts/reproducible.sh --target x86_64-unknown-linux-musl
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -26,6 +32,7 @@ echo "-----> unit, property and end-to-end tests (debug build)"
 cargo test --locked --features test-api-ca --lib --bins --test tunnel --test check --test flow_control --test lifecycle --test private_app --test secrets --test operability --test faults 2>&1 | tee -a "$log"
 echo "-----> end-to-end and install tests (static release binary: $release_bin)"
 BPG_TUNNEL_BIN="$release_bin" BPG_TUNNEL_DIST="$release_tarball" \
+  BPG_TUNNEL_DIST_AARCH64="$arm64_tarball" BPG_TUNNEL_BUILDPACK="$buildpack_tgz" \
   cargo test --locked --test tunnel --test check --test flow_control --test lifecycle --test secrets --test operability --test faults --test buildpack 2>&1 | tee -a "$log"
 # Of the private-app tests, the one about the release build itself: it must not trust the tests' CA.
 BPG_TUNNEL_BIN="$release_bin" \

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use bpg_tunnel::check::{self, CheckSettings};
-use bpg_tunnel::lifecycle::{self, daemon, foreground, run};
+use bpg_tunnel::lifecycle::{self, daemon, exec_d, foreground, run};
 use bpg_tunnel::logfmt::{self, Output};
 use bpg_tunnel::options::{self, Options};
 use bpg_tunnel::status::{self, StatusSettings};
@@ -52,6 +52,10 @@ enum Command {
     },
     /// Stop the daemon that `start` left running.
     Stop,
+    /// What a Cloud Native Buildpack launcher runs from exec.d (a link to this binary named
+    /// exec.d/bpg-tunnel runs it too): `start`, owned by the process being launched.
+    #[command(name = "exec-d")]
+    ExecD,
     /// Check each add-on step by step (config, DNS, TCP, SSH, host key, key, database) and say
     /// what to do about the first step that fails; exit 0 only if every add-on passes.
     Check {
@@ -81,7 +85,11 @@ fn main() -> ExitCode {
     lifecycle::forbid_core_dumps();
     // SAFETY: sets a plain integer option; mimalloc reads options on every purge decision.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-    let matches = Cli::command().get_matches();
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    if exec_d::invoked_as_exec_d(&args) {
+        args.push("exec-d".into());
+    }
+    let matches = Cli::command().get_matches_from(args);
     let cli = Cli::from_arg_matches(&matches)
         .map_err(|error| error.format(&mut Cli::command()))
         .unwrap_or_else(|error| error.exit());
@@ -95,7 +103,7 @@ fn main() -> ExitCode {
     // The process that serves says what it replaced. `start` says it only of its flags (it does
     // not pass bad ones on); the daemon it starts reads the same variables and speaks for them.
     match cli.command {
-        Some(Command::Start { .. }) => {
+        Some(Command::Start { .. } | Command::ExecD) => {
             let flags: Vec<_> = invalid
                 .into_iter()
                 .filter(|setting| setting.name.starts_with("--"))
@@ -109,6 +117,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Start { owner_pid }) => daemon::start(lifecycle, owner_pid),
         Some(Command::Stop) => daemon::stop(lifecycle),
+        Some(Command::ExecD) => exec_d::run(lifecycle),
         Some(Command::Daemon { owner_pid }) => daemon::daemon(engine, lifecycle, owner_pid),
         Some(Command::Check { json, login }) => {
             let settings = CheckSettings {

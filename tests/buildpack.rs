@@ -53,6 +53,60 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// An artifact of `scripts/dist.sh` that `scripts/test.sh` names in `var`; outside CI, without
+/// it, the test is skipped.
+fn dist_artifact(var: &str) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(var) {
+        return Some(PathBuf::from(path));
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true: set {var} to what scripts/dist.sh built");
+    }
+    eprintln!("SKIPPED: {var} (an artifact of scripts/dist.sh) is not set");
+    None
+}
+
+/// A gzipped tarball unpacked in a new directory.
+fn unpacked(archive: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar -xzf {}", archive.display());
+    dir
+}
+
+/// The self-contained buildpack .tgz, unpacked the way Heroku unpacks a buildpack URL.
+fn unpacked_buildpack() -> Option<tempfile::TempDir> {
+    Some(unpacked(&dist_artifact("BPG_TUNNEL_BUILDPACK")?))
+}
+
+/// `file`'s description of `path`.
+fn file_type(path: &Path) -> String {
+    let out = Command::new("file").arg("-b").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A release's downloads laid out as `{base}/v{version}/bpg-tunnel-{version}-{target}.tar.gz`
+/// (the pin's and Dockerfile.example's scheme), holding the x86_64 tarball under test.
+fn local_releases(version: &str) -> tempfile::TempDir {
+    let releases = tempfile::tempdir().unwrap();
+    let release = releases.path().join(format!("v{version}"));
+    std::fs::create_dir(&release).unwrap();
+    std::fs::copy(
+        support::release_tarball(),
+        release.join(format!(
+            "bpg-tunnel-{version}-x86_64-unknown-linux-musl.tar.gz"
+        )),
+    )
+    .unwrap();
+    releases
+}
+
 /// Runs classic bin/compile; the binary URL comes from the environment.
 fn compile(build: &Path, cache: &Path, env_dir: &Path, url: Option<&str>) -> Output {
     let mut compile = buildpack("bin/compile");
@@ -139,7 +193,8 @@ fn classic_compile_installs_the_binary_reuses_its_cache_and_refuses_a_bad_checks
 
 #[test]
 fn classic_compile_without_an_override_installs_the_pinned_release_only() {
-    // The buildpack as published, with its pin pointed at the local tarball: no network here.
+    // The git-tree buildpack, with its pin's base pointed at a local copy of a release's
+    // downloads: no network here.
     let copy = tempfile::tempdir().unwrap();
     let status = Command::new("cp")
         .arg("-R")
@@ -150,13 +205,20 @@ fn classic_compile_without_an_override_installs_the_pinned_release_only() {
     assert!(status.success());
     let pin_path = copy.path().join("buildpack/bpg-tunnel.pin");
     let pin = std::fs::read_to_string(&pin_path).unwrap();
-    let tarball = support::release_tarball();
-    let pin_to = |sha: &str| {
+    let version = pin
+        .lines()
+        .find_map(|l| l.strip_prefix("version="))
+        .unwrap()
+        .to_owned();
+    let releases = local_releases(&version);
+    let pin_to = |base: &str, sha: &str| {
         let text: String = pin
             .lines()
             .map(|line| match line.split_once('=') {
-                Some(("url", _)) => format!("url={}\n", file_url(&tarball)),
-                Some(("sha256", _)) => format!("sha256={sha}\n"),
+                Some(("base", _)) => format!("base={base}\n"),
+                Some(("sha256.x86_64-unknown-linux-musl", _)) => {
+                    format!("sha256.x86_64-unknown-linux-musl={sha}\n")
+                }
                 _ => format!("{line}\n"),
             })
             .collect();
@@ -173,17 +235,28 @@ fn classic_compile_without_an_override_installs_the_pinned_release_only() {
         compile.output().unwrap()
     };
 
-    pin_to(&tarball_sha256());
+    // As committed before any release is published: no base, so a clear refusal.
+    pin_to("", "");
+    let build = tempfile::tempdir().unwrap();
+    let unpinned = compile(build.path());
+    let out = text(&unpinned);
+    assert!(!unpinned.status.success(), "{out}");
+    assert!(
+        out.contains(&format!(
+            "pins no published bpg-tunnel {version} release for x86_64-unknown-linux-musl"
+        )) && out.contains("BPG_TUNNEL_BINARY_URL"),
+        "{out}"
+    );
+
+    pin_to(&file_url(releases.path()), &tarball_sha256());
     let build = tempfile::tempdir().unwrap();
     let pinned = compile(build.path());
     let out = text(&pinned);
     assert!(pinned.status.success(), "{out}");
-    let version = pin
-        .lines()
-        .find_map(|l| l.strip_prefix("version="))
-        .unwrap();
     assert!(
-        out.contains(&format!("-----> Downloading bpg-tunnel {version}")),
+        out.contains(&format!(
+            "-----> Downloading bpg-tunnel {version} (x86_64-unknown-linux-musl)"
+        )),
         "{out}"
     );
     assert!(is_executable(
@@ -191,7 +264,7 @@ fn classic_compile_without_an_override_installs_the_pinned_release_only() {
     ));
 
     // The pin is the only trust anchor: a tarball that differs from it is refused.
-    pin_to(&"f".repeat(64));
+    pin_to(&file_url(releases.path()), &"f".repeat(64));
     let build = tempfile::tempdir().unwrap();
     let refused = compile(build.path());
     let out = text(&refused);
@@ -272,6 +345,69 @@ echo app-exiting
 }
 
 #[test]
+fn self_contained_buildpack_installs_with_no_network_and_its_dyno_gets_a_first_query() {
+    let Some(lab) = support::lab() else { return };
+    let Some(bp) = unpacked_buildpack() else {
+        return;
+    };
+    if !support::can_unshare_pid() {
+        return;
+    }
+    // Heroku runs bin/ at the archive's root; the binaries ride along, one per architecture.
+    for program in ["bin/detect", "bin/compile", "bin/build"] {
+        assert!(is_executable(&bp.path().join(program)), "{program}");
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    for target in ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"] {
+        let vendored = bp
+            .path()
+            .join(format!("vendor/bpg-tunnel-{version}-{target}.tar.gz"));
+        assert!(vendored.is_file(), "{}", vendored.display());
+    }
+
+    // bin/compile in a network namespace of its own: no interface up, no DNS, no proxy.
+    let build = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let env_dir = tempfile::tempdir().unwrap();
+    let compiled = Command::new("unshare")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args(["--net", "bash", "-c"])
+        .arg(
+            r#"curl -sS --max-time 5 -o /dev/null https://crates.io 2>/dev/null && echo network-up || echo network-down
+exec "$0" "$@""#,
+        )
+        .arg(bp.path().join("bin/compile"))
+        .args([build.path(), cache.path(), env_dir.path()])
+        .output()
+        .unwrap();
+    let out = text(&compiled);
+    assert!(compiled.status.success(), "{out}");
+    assert!(out.starts_with("network-down\n"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "-----> Installing bpg-tunnel {version} (x86_64-unknown-linux-musl) from this buildpack"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("Downloading"), "{out}");
+    eprintln!("{out}");
+
+    let state = tempfile::tempdir().unwrap();
+    let vars = dyno_vars(&lab, state.path());
+    let mut dyno = boot_dyno(
+        build.path(),
+        &vars,
+        r#"psql "$APP_URL" -XAtc "select 'first-query-ok'"
+"#,
+    );
+    let status = dyno.wait_exit(T).expect("the app runs its query and exits");
+    let out = dyno.lines().join("\n");
+    assert!(status.success(), "{out}");
+    assert!(out.contains("first-query-ok"), "{out}");
+}
+
+#[test]
 fn profile_d_script_is_safe_to_source_and_starts_only_when_it_should() {
     let Some(lab) = support::lab() else { return };
     let build = compiled_build_dir();
@@ -343,22 +479,31 @@ echo continued"#;
 }
 
 #[test]
-fn cnb_build_makes_a_launch_layer_whose_exec_d_starts_the_tunnel_before_the_app() {
+fn cnb_package_builds_the_layer_for_the_images_architecture_whose_exec_d_is_the_binary() {
     let Some(lab) = support::lab() else { return };
-    let layers = tempfile::tempdir().unwrap();
+    // What `pack buildpack package` packs: the self-contained buildpack, with its package.toml.
+    let Some(bp) = unpacked_buildpack() else {
+        return;
+    };
+    let package = std::fs::read_to_string(bp.path().join("package.toml")).unwrap();
+    assert!(package.contains("uri = \".\""), "{package}");
+    let descriptor = std::fs::read_to_string(bp.path().join("buildpack.toml")).unwrap();
+    for arch in ["amd64", "arm64"] {
+        assert!(
+            descriptor.contains(&format!("[[targets]]\nos = \"linux\"\narch = \"{arch}\"")),
+            "{descriptor}"
+        );
+    }
     let platform = tempfile::tempdir().unwrap();
     let plan = tempfile::tempdir().unwrap();
     std::fs::create_dir(platform.path().join("env")).unwrap();
-    std::fs::write(
-        platform.path().join("env/BPG_TUNNEL_BINARY_URL"),
-        file_url(&support::release_tarball()),
-    )
-    .unwrap();
     let cnb = |program: &str| {
-        let mut command = buildpack(program);
+        let mut command = Command::new(bp.path().join(program));
         command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("CNB_PLATFORM_DIR", platform.path())
-            .env("CNB_BUILDPACK_DIR", repo().join("buildpack"));
+            .env("CNB_BUILDPACK_DIR", bp.path());
         command
     };
 
@@ -368,23 +513,48 @@ fn cnb_build_makes_a_launch_layer_whose_exec_d_starts_the_tunnel_before_the_app(
         .unwrap();
     assert!(detect.status.success(), "{}", text(&detect));
 
-    let build = || {
+    let build = |layers: &Path, arch: &str| {
         let output = cnb("bin/build")
-            .env("CNB_LAYERS_DIR", layers.path())
+            .env("CNB_LAYERS_DIR", layers)
             .env("CNB_BP_PLAN_PATH", plan.path().join("plan.toml"))
+            .env("CNB_TARGET_ARCH", arch)
             .output()
             .unwrap();
         assert!(output.status.success(), "{}", text(&output));
         text(&output)
     };
-    assert!(build().contains("-----> Downloading bpg-tunnel"));
-    assert!(build().contains("-----> Using cached bpg-tunnel"));
+    let version = env!("CARGO_PKG_VERSION");
+
+    // An arm64 image, built on this x86_64 machine: the arm64 binary, installed but not run.
+    let arm_layers = tempfile::tempdir().unwrap();
+    let out = build(arm_layers.path(), "arm64");
+    assert!(
+        out.contains(&format!(
+            "-----> Installing bpg-tunnel {version} (aarch64-unknown-linux-musl) from this buildpack"
+        )),
+        "{out}"
+    );
+    let arm_binary = arm_layers.path().join("bpg-tunnel/bin/bpg-tunnel");
+    assert!(
+        file_type(&arm_binary).contains("ARM aarch64"),
+        "{}",
+        file_type(&arm_binary)
+    );
+    let toml = std::fs::read_to_string(arm_layers.path().join("bpg-tunnel.toml")).unwrap();
+    assert!(
+        toml.contains("target = \"aarch64-unknown-linux-musl\""),
+        "{toml}"
+    );
+
+    let layers = tempfile::tempdir().unwrap();
+    assert!(build(layers.path(), "amd64").contains("-----> Installing bpg-tunnel"));
+    assert!(build(layers.path(), "amd64").contains("-----> Using cached bpg-tunnel"));
 
     let layer = layers.path().join("bpg-tunnel");
     let toml = std::fs::read_to_string(layers.path().join("bpg-tunnel.toml")).unwrap();
     assert!(toml.contains("[types]\nlaunch = true\n"), "{toml}");
     assert!(
-        toml.contains(&format!("sha256 = \"{}\"", tarball_sha256())),
+        toml.contains("target = \"x86_64-unknown-linux-musl\""),
         "{toml}"
     );
     assert!(
@@ -393,9 +563,20 @@ fn cnb_build_makes_a_launch_layer_whose_exec_d_starts_the_tunnel_before_the_app(
     );
     let cache_toml = std::fs::read_to_string(layers.path().join("bpg-tunnel-cache.toml")).unwrap();
     assert!(cache_toml.contains("cache = true") && !cache_toml.contains("launch = true"));
-    assert!(is_executable(&layer.join("bin/bpg-tunnel")));
+    let binary = layer.join("bin/bpg-tunnel");
+    assert!(is_executable(&binary));
+    assert!(
+        file_type(&binary).contains("x86-64"),
+        "{}",
+        file_type(&binary)
+    );
+    // exec.d is the binary itself, not a script: a run image needs no shell for it.
     let exec_d = layer.join("exec.d/bpg-tunnel");
-    assert!(is_executable(&exec_d));
+    assert_eq!(
+        std::fs::read_link(&exec_d).unwrap(),
+        Path::new("../bin/bpg-tunnel")
+    );
+    assert_eq!(&std::fs::read(&exec_d).unwrap()[..4], b"\x7fELF");
 
     // The launcher: layer bin on PATH; run exec.d as its direct child with fd 3 a pipe whose
     // reader ends only when every holder has closed it (a daemon holding it would hang here),
@@ -592,4 +773,141 @@ fn release_binary_is_static_and_the_tarball_matches_its_checksum() {
         .status()
         .unwrap();
     assert!(check.success(), "the .sha256 file matches the tarball");
+}
+
+#[test]
+fn aarch64_release_is_a_static_arm64_binary_that_forwards_under_qemu() {
+    let Some(lab) = support::lab() else { return };
+    let Some(tarball) = dist_artifact("BPG_TUNNEL_DIST_AARCH64") else {
+        return;
+    };
+    let qemu = support::which("qemu-aarch64-static").expect(
+        "qemu-aarch64-static (package qemu-user-static, installed by scripts/toolchain.sh)",
+    );
+    let dir = unpacked(&tarball);
+    let binary = dir.path().join("bpg-tunnel");
+    let described = file_type(&binary);
+    assert!(
+        described.contains("ARM aarch64") && described.contains("statically linked"),
+        "{described}"
+    );
+    let version = Command::new(&qemu)
+        .arg(&binary)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("bpg-tunnel {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    // The foreground form under emulation, and a real query through it.
+    let state = tempfile::tempdir().unwrap();
+    let vars = dyno_vars(&lab, state.path());
+    let mut command = Command::new(&qemu);
+    command.arg(&binary);
+    let mut tunnel = Tunnel::command(command, vars.iter());
+    tunnel.wait_for(&["event=ready"], Duration::from_secs(60));
+    let query = Command::new("psql")
+        .arg(&vars["APP_URL"])
+        .args(["-XAtc", "select 'arm64-' || 41 + 1"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&query.stdout).trim(),
+        "arm64-42",
+        "{}",
+        text(&query)
+    );
+    tunnel.signal(libc::SIGTERM);
+    let status = tunnel.wait_exit(T).expect("the tunnel stops on SIGTERM");
+    assert!(status.success(), "{}", tunnel.lines().join("\n"));
+}
+
+/// `ARG NAME=default` lines of a Dockerfile.
+fn build_args(dockerfile: &str) -> BTreeMap<String, String> {
+    dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("ARG "))
+        .filter_map(|arg| arg.split_once('='))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
+}
+
+#[test]
+fn dockerfile_example_installs_a_release_only_with_its_pinned_checksum() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile.example")).unwrap();
+    let args = build_args(&dockerfile);
+    let pin: BTreeMap<String, String> =
+        std::fs::read_to_string(repo().join("buildpack/bpg-tunnel.pin"))
+            .unwrap()
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split_once('='))
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect();
+    // One release, one set of checksums: the defaults are the buildpack's pin.
+    assert_eq!(args["BPG_TUNNEL_VERSION"], pin["version"]);
+    assert_eq!(args["BPG_TUNNEL_RELEASES"], pin["base"]);
+    assert_eq!(
+        args["BPG_TUNNEL_SHA256_X86_64"],
+        pin["sha256.x86_64-unknown-linux-musl"]
+    );
+    assert_eq!(
+        args["BPG_TUNNEL_SHA256_AARCH64"],
+        pin["sha256.aarch64-unknown-linux-musl"]
+    );
+
+    // The install step, run as Docker runs it: continuation lines joined, `sh -c`, the build
+    // arguments in the environment (scratch directories instead of /usr/local/bin and /tmp).
+    let start = dockerfile.find("RUN set -eu;").expect("the install step");
+    let step: String = dockerfile[start + "RUN ".len()..]
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(|line| line.strip_suffix('\\').unwrap_or(line))
+        .collect();
+    let bin = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let step = step
+        .replace("/tmp/", &format!("{}/", scratch.path().display()))
+        .replace("/usr/local/bin", &bin.path().display().to_string());
+    let version = env!("CARGO_PKG_VERSION");
+    let releases = local_releases(version);
+    let install = |sha: &str, base: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(&step)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("BPG_TUNNEL_VERSION", version)
+            .env("BPG_TUNNEL_RELEASES", base)
+            .env("BPG_TUNNEL_SHA256_X86_64", sha)
+            .env("BPG_TUNNEL_SHA256_AARCH64", "")
+            .env("TARGETARCH", "amd64")
+            .output()
+            .unwrap()
+    };
+    let base = file_url(releases.path());
+    let installed = bin.path().join("bpg-tunnel");
+
+    let refused = install(&"0".repeat(64), &base);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("FAILED"), "{}", text(&refused));
+    assert!(!installed.exists(), "nothing installed on a mismatch");
+
+    let unpinned = install("", &base);
+    assert!(!unpinned.status.success());
+    assert!(
+        text(&unpinned).contains("Set --build-arg BPG_TUNNEL_RELEASES"),
+        "{}",
+        text(&unpinned)
+    );
+
+    let ok = install(&tarball_sha256(), &base);
+    assert!(ok.status.success(), "{}", text(&ok));
+    let said = Command::new(&installed).arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&said.stdout).trim(),
+        format!("bpg-tunnel {version}")
+    );
 }

@@ -487,3 +487,128 @@ fn status_shows_the_registration_its_expiry_and_a_refused_renewal() {
     assert!(error.contains("401"), "{error}");
     assert!(!json.to_string().contains(JWT));
 }
+
+/// A container platform (Heroku Fir, any CNB image): the app is PID 1 of the container, only it
+/// gets SIGTERM, and when it exits the kernel kills every other process of the container at
+/// once. The launcher is played as it works: PID 1 of a fresh PID namespace runs the layer's
+/// exec.d (the binary, linked as `bin/build` links it) with descriptor 3 a pipe read to its end,
+/// then execs the process in its own place.
+fn container(vars: &BTreeMap<String, String>, layer: &Path, process: &[&str]) -> (Tunnel, i32) {
+    // exec.d is this shell's own child (so its parent is PID 1, as under the launcher); the
+    // reader of its descriptor 3 ends only once every holder has closed it.
+    let launcher = r#""$LAYER/exec.d/bpg-tunnel" 3> >(cat >"$LAYER/fd3"); rc=$?
+wait $!
+echo "exec.d rc=$rc fd3=[$(cat "$LAYER/fd3")]"
+exec "$@""#;
+    let mut vars = vars.clone();
+    vars.insert("LAYER".into(), layer.display().to_string());
+    let path = format!(
+        "{}:{}",
+        layer.join("bin").display(),
+        std::env::var("PATH").unwrap()
+    );
+    vars.insert("PATH".into(), path);
+    let mut unshare = std::process::Command::new("unshare");
+    unshare
+        .args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            "bash",
+            "-c",
+        ])
+        .arg(launcher)
+        .arg("launcher")
+        .args(process);
+    let container = Tunnel::command(unshare, vars.iter());
+    container.wait_for(&["app-ready"], T);
+    let pid1 = support::descendants(container.pid())[0];
+    (container, pid1)
+}
+
+#[test]
+fn in_a_container_only_run_under_the_launcher_deregisters_when_the_app_stops() {
+    if !support::can_unshare_pid() {
+        return;
+    }
+    let layer = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(layer.path().join("bin")).unwrap();
+    std::fs::create_dir_all(layer.path().join("exec.d")).unwrap();
+    std::fs::copy(
+        support::tunnel_binary(),
+        layer.path().join("bin/bpg-tunnel"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("../bin/bpg-tunnel", layer.path().join("exec.d/bpg-tunnel"))
+        .unwrap();
+    // The app: on SIGTERM it finishes its work for a second, then exits.
+    let app = ["bash", "-c", "trap 'sleep 1; echo app-drained; exit 0' TERM; echo app-ready; while true; do sleep 0.1; done"];
+
+    // The daemon exec.d starts is killed with PID 1: it never deregisters.
+    let api = FakeApi::start();
+    let state = tempfile::tempdir().unwrap();
+    let vars = private_app(&api, "DATABASE", state.path());
+    let (mut exec_d_only, pid1) = container(&vars, layer.path(), &app);
+    // Its pid file holds its pid inside the namespace: found here by what it runs.
+    let daemon = support::descendants(exec_d_only.pid())
+        .into_iter()
+        .find(|pid| {
+            *pid != pid1
+                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() == "bpg-tunnel")
+        })
+        .expect("exec.d started the daemon");
+    unsafe { libc::kill(pid1, libc::SIGTERM) };
+    let status = exec_d_only
+        .wait_exit(T)
+        .expect("the container exits with its app");
+    assert!(status.success(), "{:#?}", exec_d_only.lines());
+    assert!(support::wait_gone(daemon, Duration::from_secs(5)).is_some());
+    std::thread::sleep(Duration::from_secs(1));
+    let methods: Vec<String> = api.requests().iter().map(|r| r.method.clone()).collect();
+    assert_eq!(methods, ["POST"], "the registration outlives the container");
+    let out = exec_d_only.lines().join("\n");
+    assert!(out.contains("exec.d rc=0 fd3=[]"), "{out}");
+    assert!(out.contains("app-drained"), "{out}");
+    assert!(!out.contains("event=private-tunnel-deregistered"), "{out}");
+
+    // `web: bpg-tunnel run -- <command>`: run is PID 1, stops the daemon exec.d started for it,
+    // serves in its place, passes the SIGTERM on, and deregisters once the app has drained.
+    let api = FakeApi::start();
+    let state = tempfile::tempdir().unwrap();
+    let vars = private_app(&api, "DATABASE", state.path());
+    let process: Vec<&str> = ["bpg-tunnel", "run", "--"]
+        .iter()
+        .chain(&app)
+        .copied()
+        .collect();
+    let (mut under_run, pid1) = container(&vars, layer.path(), &process);
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid1}/comm"))
+            .unwrap()
+            .trim(),
+        "bpg-tunnel"
+    );
+    assert!(
+        support::daemon_pid(state.path()).is_none(),
+        "run replaced the daemon"
+    );
+    let signalled = Instant::now();
+    unsafe { libc::kill(pid1, libc::SIGTERM) };
+    let status = under_run
+        .wait_exit(T)
+        .expect("the container exits with its app");
+    let out = under_run.lines().join("\n");
+    assert!(status.success(), "{out}");
+    assert!(out.contains("event=replacing-daemon"), "{out}");
+    assert!(out.contains("app-drained"), "{out}");
+    let requests = api.requests();
+    let methods: Vec<&str> = requests.iter().map(|r| r.method.as_str()).collect();
+    // exec.d's daemon registers and deregisters as it is replaced; run registers, and
+    // deregisters after the app.
+    assert_eq!(methods, ["POST", "DELETE", "POST", "DELETE"], "{out}");
+    let last = requests.last().unwrap();
+    assert!(last.at - signalled >= Duration::from_millis(900), "{out}");
+    assert_no_token(&under_run.lines());
+}

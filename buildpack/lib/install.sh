@@ -1,12 +1,15 @@
-# Sourced by bin/compile (classic) and bin/build (CNB): downloads the pinned bpg-tunnel release,
-# verifies its SHA-256, caches it, and installs the binary.
+# Sourced by bin/compile (classic) and bin/build (CNB): installs the bpg-tunnel binary for the
+# build machine's architecture, verified against a SHA-256, from the first of:
+#   1. BPG_TUNNEL_BINARY_URL (file:// works), checked against BPG_TUNNEL_BINARY_SHA256, or
+#      without it against the .sha256 file published next to it (which catches a corrupt or
+#      truncated download but not a hostile mirror: set both to pin a mirror);
+#   2. the tarball in this buildpack's vendor/ (the self-contained buildpack: no download);
+#   3. the release pinned in bpg-tunnel.pin, downloaded and kept in the cache.
 #
 # bpg_install DEST_BIN_DIR CACHE_DIR URL_OVERRIDE SHA256_OVERRIDE
-#   URL_OVERRIDE (BPG_TUNNEL_BINARY_URL) replaces the pinned download source; file:// works.
-#   SHA256_OVERRIDE (BPG_TUNNEL_BINARY_SHA256) is the checksum to expect; without it an
-#   overridden URL is checked against the .sha256 file published next to it, which catches a
-#   corrupt or truncated download but not a hostile mirror: set both to pin a mirror.
-# Sets BPG_INSTALLED_VERSION and BPG_INSTALLED_SHA256.
+# Sets BPG_INSTALLED_VERSION, BPG_INSTALLED_SHA256 and BPG_INSTALLED_TARGET.
+
+bpg_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 bpg_step() { echo "-----> $*"; }
 bpg_info() { echo "       $*"; }
@@ -20,7 +23,18 @@ bpg_fail() {
 bpg_redact() { echo "${1%%\?*}"; }
 
 bpg_pin() {
-  sed -n "s/^$1=//p" "$(dirname "${BASH_SOURCE[0]}")/../bpg-tunnel.pin" | head -n 1
+  sed -n "s/^$1=//p" "$bpg_dir/bpg-tunnel.pin" | head -n 1
+}
+
+# The Rust target of the machine the app will run on: CNB_TARGET_ARCH (set by CNB platforms
+# for the image being built), else this machine's.
+bpg_target() {
+  local arch=${CNB_TARGET_ARCH:-$(uname -m)}
+  case "$arch" in
+    amd64 | x86_64) echo x86_64-unknown-linux-musl ;;
+    arm64 | aarch64) echo aarch64-unknown-linux-musl ;;
+    *) return 1 ;;
+  esac
 }
 
 bpg_fetch() {
@@ -29,17 +43,31 @@ bpg_fetch() {
 }
 
 bpg_install() {
-  local dest=$1 cache=$2 url=$3 sha=$4 version sha_source="BPG_TUNNEL_BINARY_SHA256"
+  local dest=$1 cache=$2 url=$3 sha=$4 target version from pinned=true sha_source="BPG_TUNNEL_BINARY_SHA256"
+  target=$(bpg_target) ||
+    bpg_fail "bpg-tunnel is built for x86_64 (amd64) and aarch64 (arm64) Linux; this build is for ${CNB_TARGET_ARCH:-$(uname -m)}."
   version=$(bpg_pin version)
-  if [ -z "$url" ]; then
-    url=$(bpg_pin url)
-    url=${url//\{version\}/$version}
-    if [ -z "$sha" ]; then
-      sha=$(bpg_pin sha256)
-      sha_source="the sha256 in bpg-tunnel.pin"
-    fi
+  local vendored="$bpg_dir/vendor/bpg-tunnel-$version-$target.tar.gz"
+  if [ -n "$url" ]; then
+    pinned=false
+    from="from $(bpg_redact "$url")"
+  elif [ -f "$vendored" ]; then
+    url="file://$vendored"
+    from="$version ($target) from this buildpack"
   else
-    version="from $(bpg_redact "$url")"
+    local base
+    base=$(bpg_pin base)
+    if [ -z "$base" ] || [ -z "$(bpg_pin "sha256.$target")" ]; then
+      bpg_fail "This buildpack pins no published bpg-tunnel $version release for $target yet." \
+        "Install the self-contained buildpack (bpg-tunnel-buildpack-<version>.tgz, from the project's" \
+        "releases or scripts/dist.sh), or set BPG_TUNNEL_BINARY_URL and BPG_TUNNEL_BINARY_SHA256."
+    fi
+    url="$base/v$version/bpg-tunnel-$version-$target.tar.gz"
+    from="$version ($target)"
+  fi
+  if $pinned && [ -z "$sha" ]; then
+    sha=$(bpg_pin "sha256.$target")
+    sha_source="the sha256.$target in bpg-tunnel.pin"
   fi
   if [ -z "$sha" ]; then
     case "$url" in
@@ -66,9 +94,12 @@ bpg_install() {
   mkdir -p "$cache/bpg-tunnel" "$dest"
   local tarball="$cache/bpg-tunnel/$sha.tar.gz"
   if [ -f "$tarball" ] && echo "$sha  $tarball" | sha256sum --check --status; then
-    bpg_step "Using cached bpg-tunnel $version"
+    bpg_step "Using cached bpg-tunnel $from"
   else
-    bpg_step "Downloading bpg-tunnel $version"
+    case "$url" in
+      "file://$vendored") bpg_step "Installing bpg-tunnel $from" ;;
+      *) bpg_step "Downloading bpg-tunnel $from" ;;
+    esac
     local partial="$tarball.partial"
     if ! bpg_fetch "$url" "$partial"; then
       rm -f "$partial"
@@ -93,12 +124,19 @@ bpg_install() {
   tar -xzf "$tarball" -C "$dest" bpg-tunnel ||
     bpg_fail "The bpg-tunnel tarball has no bpg-tunnel binary at its top level."
   chmod 0755 "$dest/bpg-tunnel"
-  local said
-  said=$("$dest/bpg-tunnel" --version 2>&1) ||
-    bpg_fail "The installed bpg-tunnel does not run on this stack: $said"
-  bpg_info "Installed $said (sha256 $sha)"
-  BPG_INSTALLED_VERSION=${said#bpg-tunnel }
+  BPG_INSTALLED_TARGET=$target
   BPG_INSTALLED_SHA256=$sha
+  if [ "$target" = "$(CNB_TARGET_ARCH='' bpg_target)" ]; then
+    local said
+    said=$("$dest/bpg-tunnel" --version 2>&1) ||
+      bpg_fail "The installed bpg-tunnel does not run on this stack: $said"
+    bpg_info "Installed $said for $target (sha256 $sha)"
+    BPG_INSTALLED_VERSION=${said#bpg-tunnel }
+  else
+    # An image for another architecture: the binary cannot run on this machine to say so.
+    bpg_info "Installed bpg-tunnel for $target, not run on this $(uname -m) machine (sha256 $sha)"
+    BPG_INSTALLED_VERSION=$version
+  fi
 }
 
 # bpg_setting NAME ENV_DIR: a config var from ENV_DIR (classic) or a platform env dir (CNB),

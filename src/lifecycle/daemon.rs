@@ -373,19 +373,56 @@ pub fn stop(lifecycle: &LifecycleSettings) -> ExitCode {
         }
     };
     let pid = found.pid.expect("checked above");
-    // SAFETY: plain kill(2), to a process just checked to be our daemon.
-    unsafe { libc::kill(pid, libc::SIGHUP) };
-    let deadline = Instant::now() + lifecycle.grace + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if running_daemon(&places).is_none() {
-            info!(event = "daemon-stopped", pid);
-            return ExitCode::SUCCESS;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if hang_up_and_wait(&places, pid, lifecycle.grace + Duration::from_secs(5)) {
+        info!(event = "daemon-stopped", pid);
+        return ExitCode::SUCCESS;
     }
     error!(
         event = "stop-failed",
         pid, "the daemon did not stop in time"
     );
     ExitCode::FAILURE
+}
+
+/// SIGHUP (stop after the grace) to `pid`, a process just checked to be our daemon; `true` once
+/// no daemon holds any of `places`, `false` if one still does at `timeout`.
+fn hang_up_and_wait(places: &[PathBuf], pid: i32, timeout: Duration) -> bool {
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if running_daemon(places).is_none() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// For `run`: stops the daemon that a CNB launcher's exec.d started for this very process.
+///
+/// The launcher runs exec.d programs before the process it launches, and then execs that
+/// process in its own place, so exec.d's `start --owner-pid` names this process's PID. When the
+/// process is `bpg-tunnel run -- CMD` (the form that drains on platforms where only PID 1 is
+/// signalled), that daemon would hold the listeners, and die with PID 1 instead of draining and
+/// deregistering: `run` stops it (nothing uses it yet: the command has not started) and serves
+/// in its place. A daemon started for any other owner is left alone.
+pub fn replace_own(lifecycle: &LifecycleSettings) {
+    let places = candidates(lifecycle.state_dir.as_deref());
+    let Some(pid) = running_daemon(&places).and_then(|found| found.pid) else {
+        return;
+    };
+    if pidfile::daemon_owner(pid) != Some(std::process::id() as i32) {
+        return;
+    }
+    info!(
+        event = "replacing-daemon",
+        pid, "exec.d started a daemon for this process; run serves in its place, to drain with the command"
+    );
+    if !hang_up_and_wait(&places, pid, lifecycle.grace + Duration::from_secs(5)) {
+        warn!(
+            event = "replacing-daemon",
+            pid, "the daemon did not stop in time; its listeners may be taken"
+        );
+    }
 }

@@ -3,7 +3,9 @@
 //! - [`foreground`] (`bpg-tunnel`): serve until a signal;
 //! - [`daemon`] (`bpg-tunnel start --owner-pid PID`, from profile.d or exec.d): detach, report
 //!   readiness, serve while the owner (the app) lives, drain with it on SIGTERM; `stop`;
-//! - [`run`] (`bpg-tunnel run -- CMD`, a Docker ENTRYPOINT prefix): serve around a child.
+//! - [`run`] (`bpg-tunnel run -- CMD`, a Docker ENTRYPOINT prefix): serve around a child;
+//! - [`exec_d`] (`bpg-tunnel exec-d`, a CNB launcher's exec.d): `start`, owned by the launched
+//!   process.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -11,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub mod daemon;
+pub mod exec_d;
 pub mod foreground;
 mod owner;
 mod pidfile;

@@ -98,6 +98,18 @@ pub fn is_daemon(pid: i32) -> bool {
         .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).nth(1) == Some(b"__daemon"))
 }
 
+/// The `--owner-pid` a bpg-tunnel daemon was started with (`start` passes it on the command line
+/// of the hidden `__daemon` entry), or `None` if `pid` is no daemon of ours.
+pub fn daemon_owner(pid: i32) -> Option<i32> {
+    if !is_daemon(pid) {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|b| *b == 0);
+    args.find(|arg| *arg == b"--owner-pid")?;
+    std::str::from_utf8(args.next()?).ok()?.parse().ok()
+}
+
 /// What [`acquire`] found.
 pub enum Acquired {
     Held(PidFile),

@@ -36,6 +36,8 @@ pub async fn run(
     let Some(mut child) = Child::subscribe(lifecycle.grace) else {
         return ExitCode::FAILURE;
     };
+    // Nothing else runs yet, so this short blocking wait holds nothing up.
+    super::daemon::replace_own(lifecycle);
     // A broken tunnel config must not keep the app from starting: run it regardless.
     let running = engine::start(engine).await;
     if let Some(running) = &running {

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Records a release in buildpack/bpg-tunnel.pin, which the git-tree buildpack installs, and in
+# Dockerfile.example's defaults (tests/buildpack.rs checks that the two agree):
+#   scripts/pin.sh VERSION DIR [BASE]
+# VERSION: the release; DIR: where its tarballs' .sha256 files are (dist/ after scripts/dist.sh,
+# or the release's downloads); BASE: the address releases are downloaded from, which replaces
+# the pin's when given. A target without a .sha256 in DIR keeps what the pin says of it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 2 ] && [ $# -le 3 ] || { echo "usage: scripts/pin.sh VERSION DIR [BASE]" >&2; exit 2; }
+version=$1 dir=$2 base=${3:-}
+
+pin=buildpack/bpg-tunnel.pin
+sed -i "s|^version=.*|version=$version|" "$pin"
+[ -z "$base" ] || sed -i "s|^base=.*|base=$base|" "$pin"
+sed -i -e "s|^ARG BPG_TUNNEL_VERSION=.*|ARG BPG_TUNNEL_VERSION=$version|" \
+  -e "s|^ARG BPG_TUNNEL_RELEASES=.*|ARG BPG_TUNNEL_RELEASES=$(sed -n 's/^base=//p' "$pin")|" Dockerfile.example
+for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+  sums="$dir/bpg-tunnel-$version-$target.tar.gz.sha256"
+  if [ -f "$sums" ]; then
+    sha=$(cut -d' ' -f1 "$sums")
+  else
+    sha=$(sed -n "s/^sha256\.$target=//p" "$pin")
+  fi
+  case "$sha" in
+    "" | *[!0-9a-f]*) [ -z "$sha" ] || { echo "error: $sums holds no SHA-256" >&2; exit 1; } ;;
+  esac
+  sed -i "s|^sha256\.$target=.*|sha256.$target=$sha|" "$pin"
+  arch=${target%%-*}
+  sed -i "s|^ARG BPG_TUNNEL_SHA256_${arch^^}=.*|ARG BPG_TUNNEL_SHA256_${arch^^}=$sha|" Dockerfile.example
+done
+echo "pinned bpg-tunnel $version in $pin and Dockerfile.example:"
+grep -v '^#' "$pin" | sed 's/^/  /'

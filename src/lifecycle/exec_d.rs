@@ -1,0 +1,82 @@
+//! `bpg-tunnel exec-d`: the program a Cloud Native Buildpack's launcher runs from the layer's
+//! `exec.d/` before every process. The buildpack links `exec.d/bpg-tunnel` to the binary, and a
+//! binary started under that name with no arguments takes this path, so a run image needs no
+//! shell.
+//!
+//! The launcher's contract: it runs the program with descriptor 3 open on a pipe for TOML lines
+//! of variables to set, reads that pipe to its end, waits for the program, and then execs the
+//! process in its own place (so the program's parent PID is the app's). A non-zero exit would
+//! stop the app. So this writes nothing, closes descriptor 3 at once (the daemon never gets it:
+//! see `daemon.rs`), starts the daemon owned by its parent, and always exits 0.
+
+use std::process::ExitCode;
+
+use super::daemon;
+use super::LifecycleSettings;
+
+/// The descriptor the launcher reads variables from.
+const LAUNCHER_FD: i32 = 3;
+
+/// Whether `args` (this process's, `argv[0]` first) are a launcher's call of exec.d: the
+/// program's directory is named `exec.d` and there is no argument.
+pub fn invoked_as_exec_d(args: &[std::ffi::OsString]) -> bool {
+    let [program] = args else { return false };
+    std::path::Path::new(program)
+        .parent()
+        .and_then(|dir| dir.file_name())
+        .is_some_and(|dir| dir == "exec.d")
+}
+
+pub fn run(lifecycle: &LifecycleSettings) -> ExitCode {
+    close_launcher_pipe();
+    // `heroku ps:exec` sessions (SSH_CLIENT) start nothing, as in the profile.d script.
+    let set = |name| std::env::var_os(name).is_some_and(|value| !value.is_empty());
+    if set("BPG_TUNNEL_DISABLE") || set("SSH_CLIENT") {
+        return ExitCode::SUCCESS;
+    }
+    // SAFETY: getppid has no preconditions.
+    let owner = unsafe { libc::getppid() };
+    daemon::start(lifecycle, owner);
+    ExitCode::SUCCESS
+}
+
+/// Closes descriptor 3 if it is a pipe (the launcher's): anything else there was not given to
+/// us by a launcher and is left alone.
+fn close_launcher_pipe() {
+    // SAFETY: fstat fills a plain struct; close is called only on a descriptor just checked.
+    unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        if libc::fstat(LAUNCHER_FD, &mut stat) == 0 && stat.st_mode & libc::S_IFMT == libc::S_IFIFO
+        {
+            libc::close(LAUNCHER_FD);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::invoked_as_exec_d;
+    use std::ffi::OsString;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn only_a_program_in_an_exec_d_directory_without_arguments_is_the_launchers_call() {
+        assert!(invoked_as_exec_d(&args(&[
+            "/layers/bp/bpg-tunnel/exec.d/bpg-tunnel"
+        ])));
+        assert!(invoked_as_exec_d(&args(&["exec.d/anything"])));
+        assert!(!invoked_as_exec_d(&args(&[
+            "/layers/bp/bpg-tunnel/bin/bpg-tunnel"
+        ])));
+        assert!(!invoked_as_exec_d(&args(&["bpg-tunnel"])));
+        assert!(!invoked_as_exec_d(&args(&[
+            "/x/exec.d/bpg-tunnel",
+            "status"
+        ])));
+        assert!(!invoked_as_exec_d(&args(&["/x/exec.d.old/bpg-tunnel"])));
+        assert!(!invoked_as_exec_d(&args(&[])));
+    }
+}
