@@ -31,6 +31,20 @@ done
 
 scripts/toolchain.sh "${targets[@]}"
 scripts/patch-russh.sh
+pinned=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
+compiler=$(rustc --version | awk '{print $2}')
+if [ "$compiler" != "$pinned" ]; then
+  echo "error: rustc is $compiler, but rust-toolchain.toml pins $pinned: a release is built with the pinned one" >&2
+  exit 1
+fi
+# The flags below are all a release is built with: flags from the environment would make it
+# differ from the same commit built elsewhere (and RUSTFLAGS would override the remaps).
+for var in RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS; do
+  if [ -n "${!var:-}" ]; then
+    echo "warning: $var is ignored by scripts/dist.sh" >&2
+    unset "$var"
+  fi
+done
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
@@ -57,13 +71,15 @@ done
 # ships with the toolchain (the musl target brings its own crt objects and libc.a).
 export CC_x86_64_unknown_linux_musl=musl-gcc
 export CFLAGS_x86_64_unknown_linux_musl="$cflags"
-export CC_aarch64_unknown_linux_musl=clang
-export AR_aarch64_unknown_linux_musl=llvm-ar
-# -nostdinc: clang would otherwise read this machine's glibc headers.
-export CFLAGS_aarch64_unknown_linux_musl="-nostdinc -isystem /usr/include/aarch64-linux-musl -isystem $(clang -print-resource-dir)/include $cflags"
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
-export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="${CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS:-} $rustflags"
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS:-} $rustflags"
+if [[ " ${targets[*]} " == *" aarch64-unknown-linux-musl "* ]]; then
+  export CC_aarch64_unknown_linux_musl=clang
+  export AR_aarch64_unknown_linux_musl=llvm-ar
+  # -nostdinc: clang would otherwise read this machine's glibc headers.
+  export CFLAGS_aarch64_unknown_linux_musl="-nostdinc -isystem /usr/include/aarch64-linux-musl -isystem $(clang -print-resource-dir)/include $cflags"
+  export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
+fi
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="$rustflags"
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="$rustflags"
 
 # tar and gzip with nothing of this machine or this moment in the archive.
 pack() { # pack ARCHIVE DIR ENTRY...
@@ -94,24 +110,17 @@ for target in "${targets[@]}"; do
   echo "dist/$name.tar.gz  $(stat -c %s "dist/$name.tar.gz") bytes (binary $(stat -c %s "$binary") bytes)  sha256 ${sha[$target]}"
 done
 
-# pin_into FILE: the version and the checksums just built, in a pin file's lines.
-pin_into() {
-  local file=$1 target
-  sed -i "s/^version=.*/version=$version/" "$file"
-  for target in "${targets[@]}"; do
-    sed -i "s/^sha256\.$target=.*/sha256.$target=${sha[$target]}/" "$file"
-  done
-}
 
 # The self-contained buildpack: the buildpack's files, the tarballs in vendor/, and a pin naming
-# their checksums. A target not built here keeps what the repository's pin says of it.
+# their checksums (and none for a target not built here: the buildpack refuses that one).
 rm -rf dist/buildpack
 cp -R buildpack dist/buildpack
 mkdir -p dist/buildpack/vendor
+sed -i -e "s/^version=.*/version=$version/" -e "s/^\(sha256\.[^=]*\)=.*/\1=/" dist/buildpack/bpg-tunnel.pin
 for target in "${targets[@]}"; do
   cp "dist/bpg-tunnel-$version-$target.tar.gz" dist/buildpack/vendor/
+  sed -i "s/^sha256\.$target=.*/sha256.$target=${sha[$target]}/" dist/buildpack/bpg-tunnel.pin
 done
-pin_into dist/buildpack/bpg-tunnel.pin
 mapfile -t entries < <(cd dist/buildpack && find . -mindepth 1 -maxdepth 1 -printf '%P\n' | sort)
 pack "dist/bpg-tunnel-buildpack-$version.tgz" dist/buildpack "${entries[@]}"
 echo "dist/bpg-tunnel-buildpack-$version.tgz  $(stat -c %s "dist/bpg-tunnel-buildpack-$version.tgz") bytes  sha256 $(cut -d' ' -f1 "dist/bpg-tunnel-buildpack-$version.tgz.sha256")"

@@ -6,11 +6,13 @@
 # or the release's downloads); BASE: the address releases are downloaded from, which replaces
 # the pin's when given. A target without a .sha256 in DIR keeps what the pin says of it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 [ $# -ge 2 ] && [ $# -le 3 ] || { echo "usage: scripts/pin.sh VERSION DIR [BASE]" >&2; exit 2; }
-version=$1 dir=$2 base=${3:-}
+version=$1 base=${3:-}
+dir=$(cd "$2" && pwd)
+cd "$(dirname "$0")/.."
 
 pin=buildpack/bpg-tunnel.pin
+previous=$(sed -n 's/^version=//p' "$pin")
 sed -i "s|^version=.*|version=$version|" "$pin"
 [ -z "$base" ] || sed -i "s|^base=.*|base=$base|" "$pin"
 sed -i -e "s|^ARG BPG_TUNNEL_VERSION=.*|ARG BPG_TUNNEL_VERSION=$version|" \
@@ -19,12 +21,17 @@ for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
   sums="$dir/bpg-tunnel-$version-$target.tar.gz.sha256"
   if [ -f "$sums" ]; then
     sha=$(cut -d' ' -f1 "$sums")
-  else
+    if [[ ! "$sha" =~ ^[0-9a-f]{64}$ ]]; then
+      echo "error: $sums holds no SHA-256" >&2
+      exit 1
+    fi
+  elif [ "$previous" = "$version" ]; then
     sha=$(sed -n "s/^sha256\.$target=//p" "$pin")
+  else
+    # Another version's checksum would only make every install of this target fail.
+    echo "error: no $sums: a new version is pinned for every target at once" >&2
+    exit 1
   fi
-  case "$sha" in
-    "" | *[!0-9a-f]*) [ -z "$sha" ] || { echo "error: $sums holds no SHA-256" >&2; exit 1; } ;;
-  esac
   sed -i "s|^sha256\.$target=.*|sha256.$target=$sha|" "$pin"
   arch=${target%%-*}
   sed -i "s|^ARG BPG_TUNNEL_SHA256_${arch^^}=.*|ARG BPG_TUNNEL_SHA256_${arch^^}=$sha|" Dockerfile.example

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Checks that a release is reproducible: builds it a second time from a copy of this checkout
 # at another path, with another CARGO_HOME, target directory, user name, umask and time zone, at
-# another time, and compares every tarball's SHA-256 with the first build's (in dist/, built first by
-# scripts/dist.sh if it is not there). Prints both, and fails on any difference.
+# another time, and compares every tarball's SHA-256 with the first build's (scripts/dist.sh,
+# here, first). Prints both, and fails on any difference.
 #   scripts/reproducible.sh [--target T]...   (the targets to compare; default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,9 +18,8 @@ done
 [ ${#targets[@]} -gt 0 ] || targets=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl)
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
-for target in "${targets[@]}"; do
-  [ -f "dist/bpg-tunnel-$version-$target.tar.gz" ] || { scripts/dist.sh "${args[@]}"; break; }
-done
+# The first build, here (quick when cargo's output is up to date): never an older dist/.
+scripts/dist.sh "${args[@]}"
 
 work=$(mktemp -d /tmp/bpg-tunnel-second-build.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -28,7 +27,7 @@ trap 'rm -rf "$work"' EXIT
 copy="$work/elsewhere/src"
 mkdir -p "$copy"
 git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' file; do
-  [ -e "$file" ] && cp --parents -P "$file" "$copy/"
+  if [ -e "$file" ]; then cp --parents -P "$file" "$copy/"; fi
 done
 # Another CARGO_HOME, seeded with the crate archives and index so nothing is downloaded again;
 # cargo unpacks the sources there, under the new path.

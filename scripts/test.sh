@@ -12,14 +12,15 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo clippy --all-targets --locked --features test-api-ca -- -D warnings
 scripts/lint-workflows.sh
+echo "-----> the x86_64 release, built here and again from another directory: the same bytes?"
+scripts/reproducible.sh --target x86_64-unknown-linux-musl
+# Both targets and the buildpack holding them.
 scripts/dist.sh
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 release_bin="$PWD/target/x86_64-unknown-linux-musl/release/bpg-tunnel"
 release_tarball="$PWD/dist/bpg-tunnel-$version-x86_64-unknown-linux-musl.tar.gz"
 arm64_tarball="$PWD/dist/bpg-tunnel-$version-aarch64-unknown-linux-musl.tar.gz"
 buildpack_tgz="$PWD/dist/bpg-tunnel-buildpack-$version.tgz"
-echo "-----> the release again, from another directory: the same bytes?"
-scripts/reproducible.sh --target x86_64-unknown-linux-musl
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -33,12 +33,13 @@ fn file_url(path: &Path) -> String {
     format!("file://{}", path.display())
 }
 
-fn tarball_sha256() -> String {
-    let out = Command::new("sha256sum")
-        .arg(support::release_tarball())
-        .output()
-        .unwrap();
+fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+fn tarball_sha256() -> String {
+    sha256_of(&support::release_tarball())
 }
 
 fn text(output: &Output) -> String {
@@ -546,6 +547,30 @@ fn cnb_package_builds_the_layer_for_the_images_architecture_whose_exec_d_is_the_
         "{toml}"
     );
 
+    // A binary of the wrong architecture would keep every process from starting: refused.
+    let arm_tarball = bp.path().join(format!(
+        "vendor/bpg-tunnel-{version}-aarch64-unknown-linux-musl.tar.gz"
+    ));
+    let wrong_layers = tempfile::tempdir().unwrap();
+    let wrong = cnb("bin/build")
+        .env("CNB_LAYERS_DIR", wrong_layers.path())
+        .env("CNB_BP_PLAN_PATH", plan.path().join("plan.toml"))
+        .env("CNB_TARGET_ARCH", "amd64")
+        .env("BPG_TUNNEL_BINARY_URL", file_url(&arm_tarball))
+        .env("BPG_TUNNEL_BINARY_SHA256", sha256_of(&arm_tarball))
+        .output()
+        .unwrap();
+    let out = text(&wrong);
+    assert!(!wrong.status.success(), "{out}");
+    assert!(
+        out.contains("is for aarch64, but this build is for x86_64-unknown-linux-musl"),
+        "{out}"
+    );
+    assert!(!wrong_layers
+        .path()
+        .join("bpg-tunnel/bin/bpg-tunnel")
+        .exists());
+
     let layers = tempfile::tempdir().unwrap();
     assert!(build(layers.path(), "amd64").contains("-----> Installing bpg-tunnel"));
     assert!(build(layers.path(), "amd64").contains("-----> Using cached bpg-tunnel"));
@@ -873,29 +898,32 @@ fn dockerfile_example_installs_a_release_only_with_its_pinned_checksum() {
         .replace("/usr/local/bin", &bin.path().display().to_string());
     let version = env!("CARGO_PKG_VERSION");
     let releases = local_releases(version);
-    let install = |sha: &str, base: &str| {
-        Command::new("sh")
-            .arg("-c")
+    // TARGETARCH as BuildKit sets it; the classic builder leaves it unset (dpkg says amd64 here).
+    let install = |sha: &str, base: &str, arch: Option<&str>| {
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
             .arg(&step)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("BPG_TUNNEL_VERSION", version)
             .env("BPG_TUNNEL_RELEASES", base)
             .env("BPG_TUNNEL_SHA256_X86_64", sha)
-            .env("BPG_TUNNEL_SHA256_AARCH64", "")
-            .env("TARGETARCH", "amd64")
-            .output()
-            .unwrap()
+            .env("BPG_TUNNEL_SHA256_AARCH64", "");
+        if let Some(arch) = arch {
+            sh.env("TARGETARCH", arch);
+        }
+        sh.output().unwrap()
     };
     let base = file_url(releases.path());
     let installed = bin.path().join("bpg-tunnel");
 
-    let refused = install(&"0".repeat(64), &base);
+    let refused = install(&"0".repeat(64), &base, Some("amd64"));
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(text(&refused).contains("FAILED"), "{}", text(&refused));
     assert!(!installed.exists(), "nothing installed on a mismatch");
 
-    let unpinned = install("", &base);
+    // No checksum pinned for arm64 (as here): refused before any download.
+    let unpinned = install(&tarball_sha256(), &base, Some("arm64"));
     assert!(!unpinned.status.success());
     assert!(
         text(&unpinned).contains("Set --build-arg BPG_TUNNEL_RELEASES"),
@@ -903,7 +931,7 @@ fn dockerfile_example_installs_a_release_only_with_its_pinned_checksum() {
         text(&unpinned)
     );
 
-    let ok = install(&tarball_sha256(), &base);
+    let ok = install(&tarball_sha256(), &base, None);
     assert!(ok.status.success(), "{}", text(&ok));
     let said = Command::new(&installed).arg("--version").output().unwrap();
     assert_eq!(

@@ -19,8 +19,30 @@ bpg_fail() {
   exit 1
 }
 
-# A presigned URL carries its credentials in the query string: never print it.
-bpg_redact() { echo "${1%%\?*}"; }
+# A URL may carry credentials, in its query string (presigned) or before its host
+# (user:token@): never print them.
+bpg_redact() {
+  local url=${1%%\?*} scheme rest authority
+  case "$url" in
+    *://*)
+      scheme=${url%%://*}
+      rest=${url#*://}
+      authority=${rest%%/*}
+      rest=${rest#"$authority"}
+      echo "$scheme://${authority##*@}$rest"
+      ;;
+    *) echo "$url" ;;
+  esac
+}
+
+# The ELF machine of FILE, as a target's architecture: x86_64, aarch64, or what it is not.
+bpg_elf_arch() {
+  case "$(od -An -tx1 -j18 -N2 "$1" 2>/dev/null | tr -d ' \n')" in
+    3e00) echo x86_64 ;;
+    b700) echo aarch64 ;;
+    *) echo "neither x86_64 nor aarch64" ;;
+  esac
+}
 
 bpg_pin() {
   sed -n "s/^$1=//p" "$bpg_dir/bpg-tunnel.pin" | head -n 1
@@ -124,6 +146,13 @@ bpg_install() {
   tar -xzf "$tarball" -C "$dest" bpg-tunnel ||
     bpg_fail "The bpg-tunnel tarball has no bpg-tunnel binary at its top level."
   chmod 0755 "$dest/bpg-tunnel"
+  # A binary of another architecture would keep every process from starting (exec.d runs it).
+  local arch
+  arch=$(bpg_elf_arch "$dest/bpg-tunnel")
+  if [ "$arch" != "${target%%-*}" ]; then
+    rm -f "$dest/bpg-tunnel"
+    bpg_fail "The bpg-tunnel binary from $(bpg_redact "$url") is for $arch, but this build is for $target."
+  fi
   BPG_INSTALLED_TARGET=$target
   BPG_INSTALLED_SHA256=$sha
   if [ "$target" = "$(CNB_TARGET_ARCH='' bpg_target)" ]; then

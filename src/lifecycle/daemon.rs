@@ -242,6 +242,9 @@ pub fn daemon(engine: &EngineSettings, lifecycle: &LifecycleSettings, owner_pid:
             Stopped::Aborted => ExitCode::from(130),
         }
     });
+    // The pid file's lock is what tells `stop` (and `run` replacing this daemon) that it is
+    // gone: release it only once the listeners and the status socket's lock are closed too.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     drop(pidfile);
     code
 }

@@ -17,17 +17,29 @@ use super::LifecycleSettings;
 /// The descriptor the launcher reads variables from.
 const LAUNCHER_FD: i32 = 3;
 
-/// Whether `args` (this process's, `argv[0]` first) are a launcher's call of exec.d: the
-/// program's directory is named `exec.d` and there is no argument.
+/// Whether `args` (this process's, `argv[0]` first) are a launcher's call of exec.d: no
+/// argument, and the program is in a directory named `exec.d`, or in one of its per-process
+/// directories (`exec.d/web/`).
 pub fn invoked_as_exec_d(args: &[std::ffi::OsString]) -> bool {
     let [program] = args else { return false };
     std::path::Path::new(program)
-        .parent()
-        .and_then(|dir| dir.file_name())
-        .is_some_and(|dir| dir == "exec.d")
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .any(|dir| dir.file_name().is_some_and(|name| name == "exec.d"))
 }
 
 pub fn run(lifecycle: &LifecycleSettings) -> ExitCode {
+    // A non-zero exit, or death by a signal, would keep the app from starting; nothing here
+    // should panic, but if it ever does, leave as if all went well (release builds abort on a
+    // panic, after this hook).
+    std::panic::set_hook(Box::new(|info| {
+        // Where, not what: a message could quote a value that holds a secret.
+        let at = info.location().map(ToString::to_string).unwrap_or_default();
+        println!("source=bpg-tunnel level=error event=exec-d-failed at={at:?} msg=\"the app starts without the tunnel\"");
+        // SAFETY: _exit ends the process at once, which is all that is left to do.
+        unsafe { libc::_exit(0) }
+    }));
     close_launcher_pipe();
     // `heroku ps:exec` sessions (SSH_CLIENT) start nothing, as in the profile.d script.
     let set = |name| std::env::var_os(name).is_some_and(|value| !value.is_empty());
@@ -68,6 +80,12 @@ mod tests {
             "/layers/bp/bpg-tunnel/exec.d/bpg-tunnel"
         ])));
         assert!(invoked_as_exec_d(&args(&["exec.d/anything"])));
+        assert!(invoked_as_exec_d(&args(&[
+            "/layers/bp/l/exec.d/web/bpg-tunnel"
+        ])));
+        assert!(!invoked_as_exec_d(&args(&[
+            "/layers/exec.d/l/bin/bpg-tunnel"
+        ])));
         assert!(!invoked_as_exec_d(&args(&[
             "/layers/bp/bpg-tunnel/bin/bpg-tunnel"
         ])));
