@@ -615,7 +615,8 @@ fn print_table(results: &Results, options: &Options) {
             None => "-".into(),
         };
         let (ssh, bpg) = (cell(Contender::Ssh), cell(Contender::Bpg));
-        let ratio = ssh.zip(bpg).map(|(s, b)| b / s);
+        // A smoke run's few MB can cost ssh under one clock tick of CPU: no ratio to 0.
+        let ratio = ssh.zip(bpg).map(|(s, b)| b / s).filter(|r| r.is_finite());
         let target = match (metric.target(), ratio) {
             (Some((goal, higher)), Some(r)) => {
                 let met = if higher { r >= goal } else { r <= goal };
