@@ -95,7 +95,6 @@ impl Listener {
             match accepted {
                 Ok((stream, peer)) => {
                     let connection = Connection {
-                        addon: self.addon.clone(),
                         forward: self.forward.clone(),
                         peer,
                         stats: stats.clone(),
@@ -124,7 +123,6 @@ impl Listener {
 }
 
 struct Connection {
-    addon: String,
     forward: Forward,
     peer: SocketAddr,
     stats: Arc<AddonStats>,
@@ -142,8 +140,8 @@ impl Connection {
         let _ = stream.set_nodelay(true);
         let accepted = tokio::time::Instant::now();
         let deadline = accepted + wait_timeout;
-        let (addon, role, peer) = (&self.addon, self.forward.role, self.peer);
         let stats = &self.stats;
+        let (addon, role, peer) = (&stats.name, self.forward.role, self.peer);
         let _open = stats.connection_opened();
         debug!(event = "connection-open", addon, %role, %peer);
         if !usable(&sessions.borrow()) {

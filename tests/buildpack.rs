@@ -20,13 +20,19 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn buildpack(program: &str) -> Command {
-    let mut command = Command::new(repo().join("buildpack").join(program));
+/// `program` of the buildpack in `dir`, with a build machine's bare environment.
+fn buildpack_in(dir: &Path, program: &str) -> Command {
+    let mut command = Command::new(dir.join(program));
     command
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", std::env::temp_dir());
     command
+}
+
+/// `program` of the repository's buildpack (the git-tree one).
+fn buildpack(program: &str) -> Command {
+    buildpack_in(&repo().join("buildpack"), program)
 }
 
 fn file_url(path: &Path) -> String {
@@ -228,12 +234,10 @@ fn classic_compile_without_an_override_installs_the_pinned_release_only() {
     let compile = |build: &Path| {
         let cache = tempfile::tempdir().unwrap();
         let env_dir = tempfile::tempdir().unwrap();
-        let mut compile = Command::new(copy.path().join("buildpack/bin/compile"));
-        compile
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .args([build, cache.path(), env_dir.path()]);
-        compile.output().unwrap()
+        buildpack_in(&copy.path().join("buildpack"), "bin/compile")
+            .args([build, cache.path(), env_dir.path()])
+            .output()
+            .unwrap()
     };
 
     // As committed before any release is published: no base, so a clear refusal.
@@ -499,10 +503,8 @@ fn cnb_package_builds_the_layer_for_the_images_architecture_whose_exec_d_is_the_
     let plan = tempfile::tempdir().unwrap();
     std::fs::create_dir(platform.path().join("env")).unwrap();
     let cnb = |program: &str| {
-        let mut command = Command::new(bp.path().join(program));
+        let mut command = buildpack_in(bp.path(), program);
         command
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("CNB_PLATFORM_DIR", platform.path())
             .env("CNB_BUILDPACK_DIR", bp.path());
         command
@@ -757,8 +759,7 @@ fn release_binary_is_static_and_the_tarball_matches_its_checksum() {
         eprintln!("SKIPPED: BPG_TUNNEL_BIN and BPG_TUNNEL_DIST (the release build) are not set");
         return;
     };
-    let file = Command::new("file").arg(&binary).output().unwrap();
-    let file = String::from_utf8_lossy(&file.stdout);
+    let file = file_type(&binary);
     assert!(file.contains("static"), "{file}");
     assert!(
         file.contains("stripped") && !file.contains("not stripped"),

@@ -196,8 +196,7 @@ fn json_says_the_same_for_scripts() {
     db.set_conn_info("SSH_PUBLIC_HOST_KEY", &impostor.public);
     for (vars, ok) in [(lab.attachment("DATABASE").vars, true), (db.vars, false)] {
         let checked = check(&vars, &["--json"]);
-        let report: serde_json::Value =
-            serde_json::from_str(&checked.stdout).expect("one JSON document");
+        let report = checked.json();
         assert_eq!(report["ok"], ok);
         assert_eq!(checked.code, if ok { 0 } else { 1 });
         let addon = &report["addons"][0];
@@ -231,8 +230,7 @@ fn json_with_login_has_a_login_step_per_forward() {
         &with_writer_password(&lab, "wrong").vars,
         &["--json", "--login"],
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&checked.stdout).expect("one JSON document");
+    let report = checked.json();
     assert_eq!(report["ok"], false);
     let steps = report["addons"][0]["steps"].as_array().unwrap();
     let failed = steps.last().unwrap();
@@ -243,8 +241,7 @@ fn json_with_login_has_a_login_step_per_forward() {
 
     let checked = check(&lab.attachment("DATABASE").vars, &["--json", "--login"]);
     assert_eq!(checked.code, 0);
-    let report: serde_json::Value =
-        serde_json::from_str(&checked.stdout).expect("one JSON document");
+    let report = checked.json();
     assert_eq!(report["ok"], true);
     let steps = report["addons"][0]["steps"].as_array().unwrap();
     let names: Vec<&str> = steps

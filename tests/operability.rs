@@ -5,43 +5,12 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{connect, field, Tunnel, DB_PASSWORD};
+use support::{connect, field, status, status_json, Tunnel, DB_PASSWORD};
 
 const START: Duration = Duration::from_secs(20);
-
-struct Answer {
-    code: i32,
-    stdout: String,
-}
-
-/// `bpg-tunnel status ARGS`, looking in `state` only.
-fn status(state: &Path, args: &[&str]) -> Answer {
-    let output = Command::new(support::tunnel_binary())
-        .arg("status")
-        .args(args)
-        .env_clear()
-        .env("BPG_TUNNEL_STATE_DIR", state)
-        .output()
-        .expect("run bpg-tunnel status");
-    let answer = Answer {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8(output.stdout).unwrap(),
-    };
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(stderr.is_empty(), "status wrote to stderr: {stderr}");
-    answer
-}
-
-fn status_json(state: &Path) -> (i32, Value) {
-    let answer = status(state, &["--json"]);
-    let json = serde_json::from_str(&answer.stdout)
-        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", answer.stdout));
-    (answer.code, json)
-}
 
 /// Polls `status --json` until `done` holds of the first add-on, or panics after `timeout`.
 fn wait_status(state: &Path, timeout: Duration, done: impl Fn(&Value) -> bool) -> (i32, Value) {

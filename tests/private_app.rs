@@ -437,18 +437,6 @@ fn check_registers_under_its_own_id_removes_it_and_names_a_refused_token() {
     assert_no_token(&[stdout, stderr]);
 }
 
-/// `bpg-tunnel status --json`, looking in `state` only.
-fn status_json(state: &Path) -> (i32, serde_json::Value) {
-    let output = std::process::Command::new(support::tunnel_binary())
-        .args(["status", "--json"])
-        .env_clear()
-        .env("BPG_TUNNEL_STATE_DIR", state)
-        .output()
-        .unwrap();
-    let json = serde_json::from_slice(&output.stdout).unwrap();
-    (output.status.code().unwrap_or(-1), json)
-}
-
 #[test]
 fn status_shows_the_registration_its_expiry_and_a_refused_renewal() {
     let api = FakeApi::start();
@@ -464,7 +452,7 @@ fn status_shows_the_registration_its_expiry_and_a_refused_renewal() {
     );
     let tunnel = Tunnel::spawn(vars.iter(), &[]);
     tunnel.wait_for(&["event=private-tunnel-registered"], T);
-    let (code, json) = status_json(state.path());
+    let (code, json) = support::status_json(state.path());
     assert_eq!(code, 0, "{json:#}");
     let registration = &json["registrations"][0];
     assert_eq!(registration["addon"], "DATABASE");
@@ -479,7 +467,7 @@ fn status_shows_the_registration_its_expiry_and_a_refused_renewal() {
     // Renewals refused: still registered until the add-on drops it, and the refusal shown.
     api.set_default(Reply::Status(401));
     tunnel.wait_for(&["event=private-tunnel-extend-failed"], T);
-    let (code, json) = status_json(state.path());
+    let (code, json) = support::status_json(state.path());
     let registration = &json["registrations"][0];
     assert_eq!(code, 0, "{json:#}");
     assert_eq!(registration["registered"], true);

@@ -251,7 +251,7 @@ impl Drop for Tunnel {
     }
 }
 
-/// What `bpg-tunnel check` printed, and how it exited.
+/// What a `bpg-tunnel check` or `status` printed, and how it exited.
 pub struct Checked {
     pub code: i32,
     pub stdout: String,
@@ -259,6 +259,20 @@ pub struct Checked {
 }
 
 impl Checked {
+    fn from(output: std::process::Output) -> Checked {
+        Checked {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8(output.stdout).unwrap(),
+            stderr: String::from_utf8(output.stderr).unwrap(),
+        }
+    }
+
+    /// The `--json` document on stdout, or a panic showing what was printed instead.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not one JSON document ({e}): {}", self.stdout))
+    }
+
     /// The report's line for `step` with its mark (`✓` or `✗`), or a panic showing the report.
     pub fn line(&self, mark: &str, step: &str) -> &str {
         self.stdout
@@ -291,13 +305,33 @@ pub fn check(vars: &BTreeMap<String, String>, args: &[&str]) -> Checked {
         .envs(vars)
         .output()
         .expect("run bpg-tunnel check");
-    let checked = Checked {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8(output.stdout).unwrap(),
-        stderr: String::from_utf8(output.stderr).unwrap(),
-    };
+    let checked = Checked::from(output);
     eprintln!("{}{}", checked.stdout, checked.stderr);
     checked
+}
+
+/// `bpg-tunnel status ARGS`, looking in `state` only; it never writes to stderr.
+pub fn status(state: &Path, args: &[&str]) -> Checked {
+    let output = Command::new(tunnel_binary())
+        .arg("status")
+        .args(args)
+        .env_clear()
+        .env("BPG_TUNNEL_STATE_DIR", state)
+        .output()
+        .expect("run bpg-tunnel status");
+    let answer = Checked::from(output);
+    assert!(
+        answer.stderr.is_empty(),
+        "status wrote to stderr: {}",
+        answer.stderr
+    );
+    answer
+}
+
+/// `bpg-tunnel status --json`, looking in `state` only: its exit code and its document.
+pub fn status_json(state: &Path) -> (i32, serde_json::Value) {
+    let answer = status(state, &["--json"]);
+    (answer.code, answer.json())
 }
 
 /// The pid the daemon wrote into its pid file under `state` (its `BPG_TUNNEL_STATE_DIR`).
