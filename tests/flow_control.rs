@@ -248,7 +248,7 @@ async fn twenty_stalled_clients_cost_at_most_a_window_each() {
     // About 31 MB each: more than the window plus every socket buffer on the way.
     let rows = 150_000;
     let (query, size) = big_result(rows);
-    let clients: Vec<Child> = (0..20).map(|_| stalled_client(&db, &query)).collect();
+    let mut clients: Vec<Child> = (0..20).map(|_| stalled_client(&db, &query)).collect();
     // Every backend blocked on its socket: each stream has backed up as far as it can.
     let direct = connect(lab.pg.port).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -264,10 +264,30 @@ async fn twenty_stalled_clients_cost_at_most_a_window_each() {
         if blocked == 20 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "only {blocked} of 20 clients stalled"
-        );
+        if Instant::now() >= deadline {
+            // What the rest were doing: a client gone, or a backend waiting on something else.
+            let exited: Vec<String> = clients
+                .iter_mut()
+                .filter_map(|client| client.try_wait().ok().flatten())
+                .map(|status| status.to_string())
+                .collect();
+            let backends: Vec<String> = direct
+                .query(
+                    "SELECT coalesce(wait_event, state, '?') FROM pg_stat_activity \
+                     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            panic!(
+                "only {blocked} of 20 clients stalled; clients exited: {exited:?}; backends: \
+                 {backends:?}; the tunnel said:\n{}",
+                tunnel.lines().join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let stalled = settled_rss(tunnel.pid());
