@@ -1,5 +1,5 @@
 # Shortcuts for the scripts under scripts/ (each installs what it needs).
-.PHONY: test bench bench-smoke demo dist fuzz lint-workflows reproducible
+.PHONY: test bench bench-smoke demo dist fuzz lint-scripts reproducible
 
 test:
 	scripts/test.sh
@@ -22,8 +22,8 @@ fuzz:
 	scripts/patch-russh.sh
 	BPG_TUNNEL_FUZZ_CASES=100000 cargo test --locked --features test-api-ca --lib
 
-lint-workflows:
-	scripts/lint-workflows.sh
+lint-scripts:
+	scripts/lint-scripts.sh
 
 reproducible:
 	scripts/reproducible.sh

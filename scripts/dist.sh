@@ -75,7 +75,8 @@ if [[ " ${targets[*]} " == *" aarch64-unknown-linux-musl "* ]]; then
   export CC_aarch64_unknown_linux_musl=clang
   export AR_aarch64_unknown_linux_musl=llvm-ar
   # -nostdinc: clang would otherwise read this machine's glibc headers.
-  export CFLAGS_aarch64_unknown_linux_musl="-nostdinc -isystem /usr/include/aarch64-linux-musl -isystem $(clang -print-resource-dir)/include $cflags"
+  clang_include="$(clang -print-resource-dir)/include"
+  export CFLAGS_aarch64_unknown_linux_musl="-nostdinc -isystem /usr/include/aarch64-linux-musl -isystem $clang_include $cflags"
   export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
 fi
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="$rustflags"

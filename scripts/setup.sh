@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, and nothing when it is already there:
 # OpenSSH's sshd, ssh and ssh-keygen, autossh, PostgreSQL's server binaries, psql and pgbench,
-# nftables;
+# nftables, iproute2's ss, strace;
 # then the toolchain and targets of the release build (scripts/toolchain.sh), and the patched
 # russh the build needs (scripts/patch-russh.sh).
 set -euo pipefail
@@ -15,6 +15,10 @@ command -v psql >/dev/null || need+=(postgresql-client)
 command -v pgbench >/dev/null || need+=(postgresql-contrib)
 # The fault tests' packet loss.
 [ -x /usr/sbin/nft ] || need+=(nftables)
+# The health endpoint's test reads socket memory with ss.
+command -v ss >/dev/null || need+=(iproute2)
+# The profile.d test records the dyno shell's reads and writes.
+command -v strace >/dev/null || need+=(strace)
 # The benchmark's baseline is the old buildpack's autossh + ssh -L.
 command -v autossh >/dev/null || need+=(autossh)
 

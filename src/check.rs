@@ -21,7 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::db_url::{self, Login};
 use crate::config::{self, Addon, Forward, PrivateApp, Severity};
-use crate::private_app::{self, ApiError, Registration, RegistrationSettings};
+use crate::dyno::Dyno;
+use crate::private_app::{ApiError, Registration, RegistrationSettings};
 use crate::ssh::{ChannelError, Session, SessionError, SessionSettings};
 
 /// `SSLRequest`: length 8, then the code 1234 5679. Every PostgreSQL since 7.0 answers it with
@@ -33,6 +34,8 @@ const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 pub struct CheckSettings {
     pub session: SessionSettings,
     pub registration: RegistrationSettings,
+    /// The dyno, whose client id a private-app check registers under (with `_check` added).
+    pub dyno: Dyno,
     /// One JSON document on stdout instead of lines for people.
     pub json: bool,
     /// Also log in to each database with its URL's credentials and run `select 1`.
@@ -212,7 +215,7 @@ pub async fn run(settings: &CheckSettings) -> ExitCode {
         reports.push(report);
     }
     if !discovery.private_apps.is_empty() {
-        let (client_id, _) = private_app::client_id();
+        let client_id = &settings.dyno.client_id;
         for app in &discovery.private_apps {
             let mut report = Report::new(&app.name, &app.conn_info_var, "private-app-tunnel");
             report.pass(
@@ -224,7 +227,7 @@ pub async fn run(settings: &CheckSettings) -> ExitCode {
                     notes(&app.name)
                 ),
             );
-            check_private_app(app, &client_id, &settings.registration, &mut report).await;
+            check_private_app(app, client_id, &settings.registration, &mut report).await;
             reports.push(report);
         }
     }
@@ -653,7 +656,8 @@ async fn check_private_app(
     settings: &RegistrationSettings,
     report: &mut Report,
 ) {
-    // A name of its own: the dyno's own registration, if a daemon holds one, is left alone.
+    // The process's own id, so a daemon's registration is never touched; the suffix tells the
+    // add-on's operators that this one was a check.
     let check_id = format!("{client_id}_check");
     let registration = match Registration::new(app, &check_id, settings) {
         Ok(registration) => registration,

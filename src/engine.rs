@@ -18,10 +18,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Discovery, Forward, Severity};
+use crate::dyno::Dyno;
 use crate::forwarder::{ForwarderSettings, Listener};
 use crate::health::Health;
 use crate::metrics;
-use crate::private_app::{self, Registration, RegistrationSettings};
+use crate::private_app::{Registration, RegistrationSettings};
 use crate::ssh::ChannelError;
 use crate::stats::{Phase, Stats};
 use crate::status::StatusSocket;
@@ -38,6 +39,8 @@ pub struct EngineSettings {
     pub forwarder: ForwarderSettings,
     pub registration: RegistrationSettings,
     pub telemetry: TelemetrySettings,
+    /// The dyno's name and the client id its private-app registrations are made under.
+    pub dyno: Dyno,
 }
 
 /// How the engine tells how it is doing; see [`crate::options::Options`].
@@ -160,12 +163,12 @@ impl Tunnels {
     async fn bind(discovery: Discovery, settings: &EngineSettings) -> Tunnels {
         let mut registrations = Vec::new();
         if !discovery.private_apps.is_empty() {
-            let (client_id, fallback) = private_app::client_id();
-            if let Some(fallback) = fallback {
-                warn!(event = "config-notice", var = "DYNO", client_id = %client_id, notice = fallback);
+            let client_id = &settings.dyno.client_id;
+            for notice in settings.dyno.notices() {
+                warn!(event = "config-notice", var = notice.var, client_id = %client_id, notice = notice.notice);
             }
             for app in &discovery.private_apps {
-                match Registration::new(app, &client_id, &settings.registration) {
+                match Registration::new(app, client_id, &settings.registration) {
                     Ok(registration) => {
                         info!(event = "private-tunnel-mode", addon = %app.name, api = %app.api_base_url);
                         registrations.push(registration);

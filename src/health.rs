@@ -7,17 +7,20 @@
 //!   registration held) and the tunnel is not stopping; 503 with what is not, otherwise;
 //! - `/metrics`: the figures of the metrics lines, in Prometheus' text format.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -27,8 +30,24 @@ use crate::stats::{Phase, Stats};
 /// A client that opens a connection and sends nothing must not hold it for ever.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Probes are tiny and rare: more connections than this at once are not a prober.
+/// Probes are tiny and rare: more connections than this at once are not a prober. A new one
+/// beyond it takes the place of the oldest, so that a probe is answered whoever holds the rest.
 const MAX_CONNECTIONS: usize = 64;
+
+/// The longest a connection is kept, busy or idle. A prober opens one per probe, or keeps one
+/// alive between scrapes and opens another when it is closed; a client that sends and never
+/// reads holds its slot no longer than this.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+
+/// Requests answered on one connection before it is closed (the last answer says
+/// `Connection: close`): a client that pipelines requests and reads nothing gets this many
+/// answers queued for it, and no more.
+const MAX_REQUESTS_PER_CONNECTION: u32 = 16;
+
+/// The kernel's buffers (each way) and hyper's read buffer per connection: a probe's request
+/// and answer are a few hundred bytes, `/metrics` a few kB. Without a bound, the kernel grows a
+/// socket's send buffer to megabytes for a client that does not read.
+const BUFFER_BYTES: usize = 16 * 1024;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -40,7 +59,7 @@ pub struct Health {
 impl Health {
     /// Binds `addr`; a failure is logged and the tunnels serve without the endpoint.
     pub async fn bind(addr: SocketAddr) -> Option<Health> {
-        match TcpListener::bind(addr).await {
+        match listen(addr) {
             Ok(listener) => {
                 info!(event = "health-listening", addr = %listener.local_addr().unwrap_or(addr));
                 Some(Health { listener })
@@ -55,6 +74,7 @@ impl Health {
     /// Answers until `shutdown`.
     pub async fn serve(self, stats: Arc<Stats>, shutdown: CancellationToken) {
         let connections = TaskTracker::new();
+        let open = Arc::new(Mutex::new(Open::default()));
         // Accept errors come in bursts (EMFILE): one line per interval.
         let mut last_said: Option<tokio::time::Instant> = None;
         loop {
@@ -73,31 +93,82 @@ impl Health {
                     continue;
                 }
             };
-            if connections.len() >= MAX_CONNECTIONS {
-                continue;
-            }
+            let (id, cut) = open.lock().expect("never poisoned").admit(&shutdown);
             let stats = stats.clone();
-            let shutdown = shutdown.clone();
+            let open = open.clone();
             connections.spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let response = answer(&request, &stats);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .keep_alive(true);
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
                 tokio::select! {
-                    _ = connection => {}
-                    () = shutdown.cancelled() => {}
+                    () = serve_connection(stream, stats) => {}
+                    () = cut.cancelled() => {}
                 }
+                open.lock().expect("never poisoned").remove(id);
             });
         }
         connections.close();
         connections.wait().await;
     }
+}
+
+/// A listener whose connections get small socket buffers (inherited from it, so they hold from
+/// the first byte).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_recv_buffer_size(BUFFER_BYTES)?;
+    socket.set_send_buffer_size(BUFFER_BYTES)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The connections being served, oldest first, each with the token that cuts it.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    by_age: BTreeMap<u64, CancellationToken>,
+}
+
+impl Open {
+    /// Room for one more, made by cutting the oldest if every place is taken.
+    fn admit(&mut self, shutdown: &CancellationToken) -> (u64, CancellationToken) {
+        while self.by_age.len() >= MAX_CONNECTIONS {
+            if let Some((_, oldest)) = self.by_age.pop_first() {
+                oldest.cancel();
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let cut = shutdown.child_token();
+        self.by_age.insert(id, cut.clone());
+        (id, cut)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.by_age.remove(&id);
+    }
+}
+
+/// One connection, within its lifetime and request budget.
+async fn serve_connection(stream: TcpStream, stats: Arc<Stats>) {
+    let answered = AtomicU32::new(0);
+    let service = hyper::service::service_fn(|request| {
+        let mut response = answer(&request, &stats);
+        if answered.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REQUESTS_PER_CONNECTION {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(BUFFER_BYTES)
+        .keep_alive(true);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
 }
 
 fn answer(request: &Request<Incoming>, stats: &Stats) -> Response<Full<Bytes>> {

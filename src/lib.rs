@@ -4,6 +4,7 @@
 //! - [`options`]: the daemon's own settings (`BPG_TUNNEL_*` and flags), turned into each
 //!   component's typed settings.
 //! - `config`: discovers add-on attachments from the environment.
+//! - `dyno`: who this process is on the platform: the dyno's name and its client id.
 //! - `engine`: binds, starts, serves and stops every add-on's tunnels.
 //! - `supervisor`: keeps a session up per add-on, reconnecting with `backoff`.
 //! - `ssh`: one authenticated, pinned, keep-alive-checked SSH session.
@@ -24,6 +25,7 @@
 mod backoff;
 pub mod check;
 mod config;
+mod dyno;
 mod engine;
 mod forwarder;
 mod health;

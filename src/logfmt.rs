@@ -1,6 +1,10 @@
 //! One logfmt line per event on stdout, in the style of Heroku's own router and dyno manager:
 //! `source=bpg-tunnel level=info event=ssh-connected addon=DATABASE ms=42`.
 //!
+//! Metrics lines are the exception: l2met and Heroku's own runtime metrics read `source=` as
+//! the dyno a measurement comes from (`source=web.1`), and merge the figures of every line with
+//! the same source. Theirs carry the dyno's name, so that each dyno's figures stay its own.
+//!
 //! Events are emitted with `tracing` macros whose fields become logfmt pairs, so filtering
 //! (`BPG_TUNNEL_LOG` / `RUST_LOG`) works as usual. Nothing here ever receives a secret: callers
 //! log names, addresses and counts, never config values.
@@ -14,7 +18,10 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-struct Logfmt;
+struct Logfmt {
+    /// The `source=` of metrics lines: the dyno's name.
+    metrics_source: String,
+}
 
 impl<S, N> FormatEvent<S, N> for Logfmt
 where
@@ -29,8 +36,17 @@ where
     ) -> fmt::Result {
         let meta = event.metadata();
         let mut line = String::with_capacity(160);
-        line.push_str("source=bpg-tunnel level=");
-        line.push_str(&meta.level().as_str().to_ascii_lowercase());
+        line.push_str("source=");
+        if meta.target() == METRICS_TARGET {
+            push_value(&mut line, &self.metrics_source);
+        } else {
+            line.push_str("bpg-tunnel");
+        }
+        push_pair(
+            &mut line,
+            "level",
+            &meta.level().as_str().to_ascii_lowercase(),
+        );
         // Library events (russh, ...) are rare and mostly at debug; say where they come from.
         // Those bridged from the `log` crate carry their origin in a `log.target` field.
         if !meta.target().starts_with("bpg_tunnel") && meta.target() != "log" {
@@ -73,6 +89,11 @@ fn push_pair(line: &mut String, key: &str, value: &str) {
     line.push(' ');
     line.push_str(key);
     line.push('=');
+    push_value(line, value);
+}
+
+/// Appends `value`, quoted when logfmt requires it.
+fn push_value(line: &mut String, value: &str) {
     let needs_quotes = value.is_empty()
         || value
             .chars()
@@ -105,15 +126,22 @@ pub enum Output {
     Stderr,
 }
 
+/// The target of metrics lines (`metrics`): `BPG_TUNNEL_LOG=warn,bpg_tunnel::metrics=info`
+/// keeps them while silencing the rest.
+pub(crate) const METRICS_TARGET: &str = "bpg_tunnel::metrics";
+
 /// Installs the logfmt subscriber. `filter` uses RUST_LOG syntax; an invalid filter falls back to
-/// `info` with a warning rather than silencing the daemon.
-pub fn init(filter: &str, output: Output) {
+/// `info` with a warning rather than silencing the daemon. `dyno` is the `source=` of metrics
+/// lines.
+pub fn init(filter: &str, output: Output, dyno: &str) {
     let (filter, invalid) = match EnvFilter::try_new(filter) {
         Ok(filter) => (filter, None),
         Err(error) => (EnvFilter::new("info"), Some(error.to_string())),
     };
     let subscriber = tracing_subscriber::fmt()
-        .event_format(Logfmt)
+        .event_format(Logfmt {
+            metrics_source: dyno.to_owned(),
+        })
         .with_env_filter(filter);
     let _ = match output {
         Output::Stdout => subscriber.with_writer(std::io::stdout).try_init(),

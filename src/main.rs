@@ -99,7 +99,7 @@ fn main() -> ExitCode {
         Some(Command::Check { .. } | Command::Status { .. }) => Output::Stderr,
         _ => Output::Stdout,
     };
-    logfmt::init(&settings.log, output);
+    logfmt::init(&settings.log, output, &settings.engine.dyno.name);
     // The process that serves says what it replaced. `start` says it only of its flags (it does
     // not pass bad ones on); the daemon it starts reads the same variables and speaks for them.
     match cli.command {
@@ -123,6 +123,7 @@ fn main() -> ExitCode {
             let settings = CheckSettings {
                 session: engine.supervisor.session.clone(),
                 registration: engine.registration.clone(),
+                dyno: engine.dyno.clone(),
                 json,
                 login,
             };

@@ -8,11 +8,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::logfmt::METRICS_TARGET;
 use crate::stats::{rss_bytes, AddonStats, Stats};
-
-/// Where the lines come from: `BPG_TUNNEL_LOG=warn,bpg_tunnel::metrics=info` keeps them while
-/// silencing the rest.
-const TARGET: &str = "bpg_tunnel::metrics";
 
 /// Logs the lines every `interval` until `shutdown`.
 pub async fn log_every(interval: Duration, stats: Arc<Stats>, shutdown: CancellationToken) {
@@ -38,7 +35,7 @@ pub async fn log_every(interval: Duration, stats: Arc<Stats>, shutdown: Cancella
                 .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok())
                 .unwrap_or_default();
             info!(
-                target: TARGET,
+                target: METRICS_TARGET,
                 event = "metrics",
                 addon = %registration.name,
                 "sample#bpg-tunnel.registration.registered" = u8::from(state.registered),
@@ -55,7 +52,7 @@ fn line(addon: &AddonStats, delta: &Counts, rss: &str) {
     macro_rules! metrics {
         ($($p95:tt)*) => {
             info!(
-                target: TARGET,
+                target: METRICS_TARGET,
                 event = "metrics",
                 addon = %addon.name,
                 "sample#bpg-tunnel.connections.open" = open,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 
+use crate::dyno::Dyno;
 use crate::engine::{EngineSettings, TelemetrySettings};
 use crate::forwarder::ForwarderSettings;
 use crate::lifecycle::LifecycleSettings;
@@ -268,6 +269,7 @@ impl Options {
                     health_addr: read.value("health_addr", &self.health_addr, parse_health_addr),
                     state_dir: path(&self.state_dir),
                 },
+                dyno: Dyno::from_env(),
             },
             lifecycle: LifecycleSettings {
                 ready_timeout: read.value("ready_timeout", &self.ready_timeout, parse_duration),
@@ -482,7 +484,9 @@ fn parse_health_addr(raw: &str) -> Result<Option<std::net::SocketAddr>, String> 
     }
     raw.parse().map(Some).map_err(|_| {
         format!(
-            "{} is not an address; expected an IP address and port such as 127.0.0.1:9090 (0.0.0.0:9090 in a container), or off",
+            "{} is not an address; expected an IP address and port such as 127.0.0.1:9090, or off \
+             (0.0.0.0:9090 opens it to the whole network: only where the platform's probes \
+             need it and nothing else can reach it)",
             shown(raw)
         )
     })
@@ -803,6 +807,11 @@ mod tests {
             let problem = parse_health_addr(bad).unwrap_err();
             assert!(
                 problem.contains("such as 127.0.0.1:9090"),
+                "{bad}: {problem}"
+            );
+            // Whoever copies the wildcard address from the message is told what it opens.
+            assert!(
+                problem.contains("0.0.0.0:9090 opens it to the whole network"),
                 "{bad}: {problem}"
             );
         }

@@ -187,27 +187,6 @@ fn check(response: Result<reqwest::Response, reqwest::Error>) -> Result<(), ApiE
     }
 }
 
-/// `${DYNO}_${boot_id}`: unique per dyno and per boot, so a restarted dyno never deletes its
-/// successor's registration. Without DYNO (outside Heroku) the host name stands in.
-pub fn client_id() -> (String, Option<&'static str>) {
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|id| id.trim().to_owned())
-        .unwrap_or_default();
-    let (dyno, fallback) = match std::env::var("DYNO") {
-        Ok(dyno) if !dyno.trim().is_empty() => (dyno.trim().to_owned(), None),
-        _ => {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "unknown-host".into());
-            (
-                host,
-                Some("DYNO is not set (not on a Heroku dyno?); the client id uses the host name instead"),
-            )
-        }
-    };
-    (format!("{dyno}_{boot_id}"), fallback)
-}
-
 /// How a registration is kept; see [`crate::options::Options`].
 #[derive(Debug, Clone)]
 pub struct RegistrationSettings {
@@ -227,7 +206,7 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// The registration of this dyno (`client_id`, see [`client_id`]) with `app`.
+    /// The registration of this process, as `client_id` (see [`crate::dyno`]), with `app`.
     pub fn new(
         app: &PrivateApp,
         client_id: &str,

@@ -198,6 +198,19 @@ fn classic_compile_installs_the_binary_reuses_its_cache_and_refuses_a_bad_checks
     assert!(!build3.path().join(".borealis-pg/bin/bpg-tunnel").exists());
 }
 
+/// bin/compile downloaded the pinned `version` and installed it in `build`.
+fn assert_installed_the_pinned_release(compiled: &Output, build: &Path, version: &str) {
+    let out = text(compiled);
+    assert!(compiled.status.success(), "{out}");
+    assert!(
+        out.contains(&format!(
+            "-----> Downloading bpg-tunnel {version} (x86_64-unknown-linux-musl)"
+        )),
+        "{out}"
+    );
+    assert!(is_executable(&build.join(".borealis-pg/bin/bpg-tunnel")));
+}
+
 #[test]
 fn classic_compile_without_an_override_installs_the_pinned_release_only() {
     // The git-tree buildpack, with its pin's base pointed at a local copy of a release's
@@ -255,18 +268,7 @@ fn classic_compile_without_an_override_installs_the_pinned_release_only() {
 
     pin_to(&file_url(releases.path()), &tarball_sha256());
     let build = tempfile::tempdir().unwrap();
-    let pinned = compile(build.path());
-    let out = text(&pinned);
-    assert!(pinned.status.success(), "{out}");
-    assert!(
-        out.contains(&format!(
-            "-----> Downloading bpg-tunnel {version} (x86_64-unknown-linux-musl)"
-        )),
-        "{out}"
-    );
-    assert!(is_executable(
-        &build.path().join(".borealis-pg/bin/bpg-tunnel")
-    ));
+    assert_installed_the_pinned_release(&compile(build.path()), build.path(), &version);
 
     // The pin is the only trust anchor: a tarball that differs from it is refused.
     pin_to(&file_url(releases.path()), &"f".repeat(64));
@@ -294,6 +296,22 @@ fn boot_dyno(build: &Path, vars: &BTreeMap<String, String>, app: &str) -> Tunnel
     Tunnel::command(bash, vars.iter())
 }
 
+/// Boots a dyno from the compiled `build` whose app runs one query at once: it must succeed.
+fn assert_first_query(lab: &support::Lab, build: &Path) {
+    let state = tempfile::tempdir().unwrap();
+    let vars = dyno_vars(lab, state.path());
+    let mut dyno = boot_dyno(
+        build,
+        &vars,
+        r#"psql "$APP_URL" -XAtc "select 'first-query-ok'"
+"#,
+    );
+    let status = dyno.wait_exit(T).expect("the app runs its query and exits");
+    let out = dyno.lines().join("\n");
+    assert!(status.success(), "{out}");
+    assert!(out.contains("first-query-ok"), "{out}");
+}
+
 fn compiled_build_dir() -> tempfile::TempDir {
     let build = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -302,6 +320,174 @@ fn compiled_build_dir() -> tempfile::TempDir {
     let compiled = compile(build.path(), cache.path(), env_dir.path(), Some(&url));
     assert!(compiled.status.success(), "{}", text(&compiled));
     build
+}
+
+/// `git ARGS` in `dir`, which must succeed; its stdout.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn the_buildpack_ref_installs_from_a_clone_as_the_registry_and_git_urls_do() {
+    let Some(lab) = support::lab() else { return };
+    // A repository laid out as this one, with what the release workflow's pin job uses.
+    let origin = tempfile::tempdir().unwrap();
+    let repo_copy = origin.path();
+    for path in ["buildpack", "scripts", "Dockerfile.example"] {
+        let status = Command::new("cp")
+            .arg("-R")
+            .arg(repo().join(path))
+            .arg(repo_copy)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{path}");
+    }
+    let _ = std::fs::remove_dir_all(repo_copy.join("buildpack/vendor"));
+    git(repo_copy, &["init", "-q", "-b", "main"]);
+    git(repo_copy, &["config", "user.name", "Release Bot"]);
+    git(repo_copy, &["config", "user.email", "release@example.com"]);
+    git(repo_copy, &["add", "-A"]);
+    git(repo_copy, &["commit", "-q", "-m", "main as committed"]);
+    let make_ref = || {
+        Command::new(repo_copy.join("scripts/buildpack-ref.sh"))
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", repo_copy)
+            .output()
+            .unwrap()
+    };
+
+    // Before a release is pinned, there is nothing such an install could download: refused.
+    let unpinned = make_ref();
+    assert!(!unpinned.status.success(), "{}", text(&unpinned));
+    assert!(
+        text(&unpinned).contains("names no published release"),
+        "{}",
+        text(&unpinned)
+    );
+
+    // The pin job: the release's checksums and downloads (here a local copy), then the ref.
+    let version = env!("CARGO_PKG_VERSION");
+    let releases = local_releases(version);
+    let released = tempfile::tempdir().unwrap();
+    for (target, sha) in [
+        ("x86_64-unknown-linux-musl", tarball_sha256()),
+        ("aarch64-unknown-linux-musl", "a".repeat(64)),
+    ] {
+        std::fs::write(
+            released
+                .path()
+                .join(format!("bpg-tunnel-{version}-{target}.tar.gz.sha256")),
+            format!("{sha}  bpg-tunnel-{version}-{target}.tar.gz\n"),
+        )
+        .unwrap();
+    }
+    let pinned = Command::new(repo_copy.join("scripts/pin.sh"))
+        .arg(version)
+        .arg(released.path())
+        .arg(file_url(releases.path()))
+        .output()
+        .unwrap();
+    assert!(pinned.status.success(), "{}", text(&pinned));
+    git(repo_copy, &["commit", "-q", "-am", "Pin the release"]);
+    let made = make_ref();
+    assert!(made.status.success(), "{}", text(&made));
+    let commit = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    let tag = format!("buildpack-v{version}");
+    assert_eq!(
+        git(repo_copy, &["rev-parse", &format!("{tag}^{{commit}}")]),
+        commit
+    );
+    assert_eq!(git(repo_copy, &["rev-parse", "buildpack"]), commit);
+    // Made again, nothing changes.
+    let again = make_ref();
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), commit);
+
+    for branch in [tag.as_str(), "buildpack"] {
+        // As Heroku fetches a buildpack: a shallow clone of the ref, programs at its root.
+        let clones = tempfile::tempdir().unwrap();
+        let clone = clones.path().join("buildpack");
+        let out = Command::new("git")
+            .args(["clone", "-q", "--depth", "1", "--branch", branch])
+            .arg(format!("file://{}", repo_copy.display()))
+            .arg(&clone)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let mut root: Vec<String> = std::fs::read_dir(&clone)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name != ".git")
+            .collect();
+        root.sort();
+        assert_eq!(
+            root,
+            [
+                "bin",
+                "bpg-tunnel.pin",
+                "buildpack.toml",
+                "lib",
+                "package.toml",
+                "profile.d"
+            ],
+            "{branch}"
+        );
+        let detect = buildpack_in(&clone, "bin/detect")
+            .arg(clones.path())
+            .output()
+            .unwrap();
+        assert!(detect.status.success(), "{}", text(&detect));
+
+        // With the binary named by BPG_TUNNEL_BINARY_URL (a local file: no network)...
+        let build = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let env_dir = tempfile::tempdir().unwrap();
+        let compiled = buildpack_in(&clone, "bin/compile")
+            .args([build.path(), cache.path(), env_dir.path()])
+            .env(
+                "BPG_TUNNEL_BINARY_URL",
+                file_url(&support::release_tarball()),
+            )
+            .output()
+            .unwrap();
+        assert!(compiled.status.success(), "{}", text(&compiled));
+
+        // ...and the dyno booted from it gets its first query.
+        assert_first_query(&lab, build.path());
+
+        // Without the URL, as a registry install runs: the pinned release, downloaded and
+        // checked against the pin.
+        let build = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let compiled = buildpack_in(&clone, "bin/compile")
+            .args([build.path(), cache.path(), env_dir.path()])
+            .output()
+            .unwrap();
+        assert_installed_the_pinned_release(&compiled, build.path(), version);
+    }
+
+    // A published version is never changed: a tag for other content is refused.
+    std::fs::write(
+        repo_copy.join("buildpack/bin/detect"),
+        "#!/bin/sh\nexit 0\n",
+    )
+    .unwrap();
+    git(repo_copy, &["commit", "-q", "-am", "Change the buildpack"]);
+    let moved = make_ref();
+    assert!(!moved.status.success(), "{}", text(&moved));
+    assert!(
+        text(&moved).contains("a published version is never changed"),
+        "{}",
+        text(&moved)
+    );
+    assert_eq!(git(repo_copy, &["rev-parse", &tag]), commit);
 }
 
 #[test]
@@ -397,19 +583,7 @@ exec "$0" "$@""#,
     );
     assert!(!out.contains("Downloading"), "{out}");
     eprintln!("{out}");
-
-    let state = tempfile::tempdir().unwrap();
-    let vars = dyno_vars(&lab, state.path());
-    let mut dyno = boot_dyno(
-        build.path(),
-        &vars,
-        r#"psql "$APP_URL" -XAtc "select 'first-query-ok'"
-"#,
-    );
-    let status = dyno.wait_exit(T).expect("the app runs its query and exits");
-    let out = dyno.lines().join("\n");
-    assert!(status.success(), "{out}");
-    assert!(out.contains("first-query-ok"), "{out}");
+    assert_first_query(&lab, build.path());
 }
 
 #[test]
@@ -481,6 +655,78 @@ echo continued"#;
     assert!(status.success(), "{lines:#?}");
     assert!(lines.iter().any(|l| l == "continued"), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains("event=config-error")));
+}
+
+/// The secrets of the lab's add-on: the database password (as typed, and as the URL holds it)
+/// and lines of the client's key.
+fn lab_secrets(lab: &support::Lab) -> Vec<String> {
+    let mut secrets = vec![
+        support::DB_PASSWORD.to_owned(),
+        support::percent_encode(support::DB_PASSWORD),
+    ];
+    secrets.extend(
+        lab.client_key
+            .private
+            .lines()
+            .skip(1)
+            .take(3)
+            .map(str::to_owned),
+    );
+    secrets
+}
+
+#[test]
+fn profile_d_decides_on_names_alone_and_moves_no_secret_through_the_shell() {
+    let Some(lab) = support::lab() else { return };
+    let strace = support::which("strace").expect("strace (scripts/setup.sh installs it)");
+    let build = compiled_build_dir();
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = dyno_vars(&lab, state.path());
+    vars.insert("HOME".into(), build.path().display().to_string());
+    // The dyno's login shell sources the script with tracing on (`bash -x`), and every read and
+    // write of it and of whatever it starts (the daemon included) is recorded whole.
+    let recorded = tempfile::tempdir().unwrap();
+    let syscalls = recorded.path().join("strace.txt");
+    let mut command = Command::new(strace);
+    command
+        .args([
+            "-f",
+            "-qq",
+            "-s",
+            "1000000",
+            "-e",
+            "trace=read,write,pread64,pwrite64",
+        ])
+        .arg("-o")
+        .arg(&syscalls)
+        .args(["bash", "-x", "-l", "-c"])
+        .arg(r#". "$HOME/.profile.d/borealis-pg-init-secure-tunnel.sh"; echo sourced"#);
+    let mut shell = Tunnel::command(command, vars.iter());
+    shell.wait_for(&["event=ready"], T);
+    let status = shell.wait_exit(T).expect("the shell finishes");
+    let lines = shell.lines();
+    let out = lines.join("\n");
+    assert!(status.success(), "{out}");
+    assert!(lines.iter().any(|l| l == "sourced"), "{out}");
+    // The trace is the script's, and shows the start it decided on.
+    assert!(out.contains("bpg-tunnel start --owner-pid"), "{out}");
+    let traced = std::fs::read_to_string(&syscalls).unwrap();
+    assert!(
+        traced.contains("write("),
+        "strace recorded nothing: {traced}"
+    );
+    for secret in lab_secrets(&lab) {
+        assert!(
+            !out.contains(&secret),
+            "a secret in the shell's trace:\n{out}"
+        );
+        let moved: Vec<&str> = traced.lines().filter(|l| l.contains(&secret)).collect();
+        assert!(
+            moved.is_empty(),
+            "a secret was read or written by the shell or what it started:\n{}",
+            moved.join("\n")
+        );
+    }
 }
 
 #[test]

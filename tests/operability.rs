@@ -180,7 +180,8 @@ async fn metrics_lines_come_at_the_interval_and_count_a_scripted_workload() {
     let Some(lab) = support::lab() else { return };
     let mut db = lab.attachment("DATABASE");
     db.set("BPG_TUNNEL_METRICS_INTERVAL", "1s")
-        .set("BPG_TUNNEL_LOG", "info");
+        .set("BPG_TUNNEL_LOG", "info")
+        .set("DYNO", "web.3");
     // The lines start with the engine, before the ready wait.
     let spawned = Instant::now();
     let tunnel = Tunnel::spawn(&db.vars, &[]);
@@ -219,11 +220,18 @@ async fn metrics_lines_come_at_the_interval_and_count_a_scripted_workload() {
     assert!(sum(&lines, "count#bpg-tunnel.bytes.up") > 0);
     assert_eq!(sum(&lines, "count#bpg-tunnel.reconnects"), 0);
     assert_eq!(sum(&lines, "count#bpg-tunnel.connections.wait-expired"), 0);
+    // l2met and Heroku's runtime metrics: the dyno is the source; the add-on a key of its own.
     for line in &lines {
-        assert_eq!(line["source"], "bpg-tunnel");
+        assert_eq!(line["source"], "web.3");
         assert_eq!(line["level"], "info");
         assert_eq!(line["addon"], "DATABASE");
         assert!(line["sample#bpg-tunnel.memory.rss"].ends_with("MB"));
+    }
+    // Every other line is the tunnel's own.
+    for line in tunnel.lines() {
+        if !line.contains("event=metrics") {
+            assert!(line.starts_with("source=bpg-tunnel level="), "{line}");
+        }
     }
     // The session was up for the workload (earlier lines may predate it).
     assert_eq!(lines.last().unwrap()["sample#bpg-tunnel.session.up"], "1");
@@ -242,6 +250,18 @@ async fn metrics_lines_come_at_the_interval_and_count_a_scripted_workload() {
         count >= since_ready.floor() - 1.0 && count <= since_spawn.ceil(),
         "{count} lines, {since_ready:.1} s after ready, {since_spawn:.1} s after the start"
     );
+}
+
+#[test]
+fn without_a_dyno_metrics_lines_name_the_host() {
+    let Some(lab) = support::lab() else { return };
+    let mut db = lab.attachment("DATABASE");
+    db.set("BPG_TUNNEL_METRICS_INTERVAL", "1s");
+    let tunnel = Tunnel::spawn(&db.vars, &[]);
+    let line = tunnel.wait_for(&["event=metrics"], START);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(field(&line, "source"), host.trim(), "{line}");
+    assert_eq!(field(&line, "addon"), "DATABASE", "{line}");
 }
 
 async fn get(port: u16, path: &str) -> (u16, String, String) {

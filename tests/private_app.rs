@@ -9,18 +9,20 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::api::{FakeApi, Reply, Request};
-use support::Tunnel;
+use support::{field, Tunnel};
 
 use bpg_tunnel::ConnInfo;
 
 const T: Duration = Duration::from_secs(30);
 const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0ZXN0LWFwcCJ9.dGVzdC1zaWduYXR1cmUtc2VjcmV0";
 
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .unwrap()
-        .trim()
-        .to_owned()
+/// Heroku's id of the dyno (`HEROKU_DYNO_ID`, with dyno metadata enabled), in the form of the
+/// platform's example.
+const DYNO_ID: &str = "1vac4117-c29f-4312-521e-ba4d8638c1ac";
+
+/// The client id a tunnel with the variables of [`private_app`] registers under.
+fn client_id() -> String {
+    format!("web.1_{DYNO_ID}")
 }
 
 /// The config vars of a private-app add-on under `prefix`, plus a private state dir and fast
@@ -58,6 +60,7 @@ fn private_app(api: &FakeApi, prefix: &str, state: &Path) -> BTreeMap<String, St
         ),
         ("BPG_TUNNEL_LOG".to_owned(), "info".to_owned()),
         ("DYNO".to_owned(), "web.1".to_owned()),
+        ("HEROKU_DYNO_ID".to_owned(), DYNO_ID.to_owned()),
     ]
     .into_iter()
     .collect()
@@ -86,7 +89,7 @@ fn assert_register(request: &Request, prefix: &str) {
     assert_eq!(
         body,
         serde_json::json!({
-            "clientId": format!("web.1_{}", boot_id()),
+            "clientId": client_id(),
             "autoDestroyDelaySeconds": 4500,
         })
     );
@@ -135,7 +138,7 @@ fn register_extend_and_deregister_send_exactly_the_contract_requests() {
     assert_eq!(delete.method, "DELETE");
     assert_eq!(
         delete.path,
-        format!("{}/web.1_{}", tunnels_path("DATABASE"), boot_id())
+        format!("{}/{}", tunnels_path("DATABASE"), client_id())
     );
     assert_headers(delete);
     assert_eq!(delete.body, "");
@@ -408,7 +411,7 @@ fn check_registers_under_its_own_id_removes_it_and_names_a_refused_token() {
         assert!(stdout.contains(step), "{stdout}");
     }
     // Its own id: a daemon's registration on the same dyno is not the one removed.
-    let check_id = format!("web.1_{}_check", boot_id());
+    let check_id = format!("{}_check", client_id());
     let requests = api.requests();
     assert_eq!(requests.len(), 2);
     assert_eq!(requests[0].method, "POST");
@@ -599,4 +602,103 @@ fn in_a_container_only_run_under_the_launcher_deregisters_when_the_app_stops() {
     let last = requests.last().unwrap();
     assert!(last.at - signalled >= Duration::from_millis(900), "{out}");
     assert_no_token(&under_run.lines());
+}
+
+/// `select 1` as the lab's user through `addr` (the add-on's network), and whether it worked.
+fn query_through(addr: std::net::SocketAddr) -> Result<(), String> {
+    let out = support::psql_at(addr.port(), &["select 1"])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn a_restarting_dyno_never_removes_its_successors_registration() {
+    // Cedar during a restart or deploy: the old web.1 drains while the new web.1 boots, on the
+    // same host (the same kernel boot id), without dyno metadata (no HEROKU_DYNO_ID).
+    let Some(lab) = support::lab() else { return };
+    let api = FakeApi::start();
+    let database = api.gate(std::net::SocketAddr::from(([127, 0, 0, 1], lab.pg.port)));
+    let (old_state, new_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut old_vars = private_app(&api, "DATABASE", old_state.path());
+    old_vars.remove("HEROKU_DYNO_ID");
+    let mut new_vars = private_app(&api, "DATABASE", new_state.path());
+    new_vars.remove("HEROKU_DYNO_ID");
+    assert_eq!(old_vars["DYNO"], new_vars["DYNO"]);
+    assert!(
+        query_through(database).is_err(),
+        "the gate admits no one unregistered"
+    );
+
+    let old = Tunnel::spawn(old_vars.iter(), &[]);
+    let old_id = field(
+        &old.wait_for(&["event=private-tunnel-registered"], T),
+        "client_id",
+    )
+    .to_owned();
+    let new = Tunnel::spawn(new_vars.iter(), &[]);
+    let new_id = field(
+        &new.wait_for(&["event=private-tunnel-registered"], T),
+        "client_id",
+    )
+    .to_owned();
+    eprintln!("old web.1 registered as {old_id}, new web.1 as {new_id}");
+    for id in [&old_id, &new_id] {
+        assert!(id.starts_with("web.1_"), "{id}");
+    }
+
+    // The old dyno is stopped and deregisters: its own registration, and only that.
+    old.signal(libc::SIGTERM);
+    old.wait_for(&["event=private-tunnel-deregistered"], T);
+    old.wait_for(&["event=stopped"], T);
+    // What the user sees first: the new dyno still reaches its database.
+    query_through(database).expect("the new dyno's database stays allowed");
+    assert_ne!(old_id, new_id, "two dynos, two registrations");
+    let deletes: Vec<Request> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:#?}");
+    assert_eq!(
+        deletes[0].path,
+        format!("{}/{old_id}", tunnels_path("DATABASE"))
+    );
+    assert_eq!(api.registered(), [new_id.clone()].into());
+
+    new.signal(libc::SIGTERM);
+    new.wait_for(&["event=stopped"], T);
+    assert!(api.registered().is_empty());
+    assert_no_token(&old.lines());
+    assert_no_token(&new.lines());
+}
+
+#[test]
+fn heroku_dyno_id_names_the_registration_and_a_bad_one_is_replaced() {
+    let api = FakeApi::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = private_app(&api, "DATABASE", state.path());
+    vars.insert("HEROKU_DYNO_ID".into(), "not/an id".into());
+    let tunnel = Tunnel::spawn(vars.iter(), &[]);
+    let registered = tunnel.wait_for(&["event=private-tunnel-registered"], T);
+    let id = field(&registered, "client_id");
+    let notice = tunnel.wait_for(&["event=config-notice", "var=HEROKU_DYNO_ID"], T);
+    assert!(!notice.contains("not/an id"), "{notice}");
+    assert!(
+        id.starts_with("web.1_") && id.len() == "web.1_".len() + 36,
+        "{id}"
+    );
+    drop(tunnel);
+
+    // With a usable id, that id, as the register-and-extend test also checks.
+    let vars = private_app(&api, "DATABASE", state.path());
+    let tunnel = Tunnel::spawn(vars.iter(), &[]);
+    let registered = tunnel.wait_for(&["event=private-tunnel-registered"], T);
+    assert_eq!(field(&registered, "client_id"), client_id());
+    assert_eq!(tunnel.count("event=config-notice"), 0);
 }

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by bin/compile (classic) and bin/build (CNB): installs the bpg-tunnel binary for the
 # build machine's architecture, verified against a SHA-256, from the first of:
 #   1. BPG_TUNNEL_BINARY_URL (file:// works), checked against BPG_TUNNEL_BINARY_SHA256, or
@@ -7,7 +8,8 @@
 #   3. the release pinned in bpg-tunnel.pin, downloaded and kept in the cache.
 #
 # bpg_install DEST_BIN_DIR CACHE_DIR URL_OVERRIDE SHA256_OVERRIDE
-# Sets BPG_INSTALLED_VERSION, BPG_INSTALLED_SHA256 and BPG_INSTALLED_TARGET.
+# Sets BPG_INSTALLED_VERSION, BPG_INSTALLED_SHA256 and BPG_INSTALLED_TARGET, which bin/build reads.
+# shellcheck disable=SC2034
 
 bpg_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 

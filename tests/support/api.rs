@@ -1,8 +1,11 @@
 //! A fake of the add-on's private-app-tunnel API: HTTPS on loopback with a certificate from a
 //! throwaway CA (which the test hands bpg-tunnel through `BPG_TUNNEL_TEST_API_CA_FILE`). It
 //! records every request and answers each with the next scripted [`Reply`], then the default.
+//! Like the add-on, it keeps the client ids registered (a 2xx POST adds its `clientId`, a 2xx
+//! DELETE removes the id its path names), and its [`FakeApi::gate`] stands for the add-on's
+//! network: it lets a connection through to the database only while a registration is held.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -46,6 +49,31 @@ struct State {
     arrived: Condvar,
     script: Mutex<VecDeque<Reply>>,
     default: Mutex<Option<Reply>>,
+    registered: Mutex<BTreeSet<String>>,
+}
+
+impl State {
+    /// What the add-on keeps of a request it answered with `code`.
+    fn record(&self, request: &Request, code: u16) {
+        if !(200..300).contains(&code) {
+            return;
+        }
+        let mut registered = self.registered.lock().unwrap();
+        match request.method.as_str() {
+            "POST" => {
+                let body: serde_json::Value =
+                    serde_json::from_str(&request.body).unwrap_or_default();
+                if let Some(id) = body["clientId"].as_str() {
+                    registered.insert(id.to_owned());
+                }
+            }
+            "DELETE" => {
+                let id = request.path.rsplit('/').next().unwrap_or_default();
+                registered.remove(id);
+            }
+            _ => {}
+        }
+    }
 }
 
 pub struct FakeApi {
@@ -53,7 +81,7 @@ pub struct FakeApi {
     ca_file: PathBuf,
     state: Arc<State>,
     _dir: tempfile::TempDir,
-    _runtime: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl FakeApi {
@@ -118,6 +146,9 @@ impl FakeApi {
                         .pop_front()
                         .or(*state.default.lock().unwrap())
                         .unwrap();
+                    if let Reply::Status(code) = reply {
+                        state.record(&request, code);
+                    }
                     state.requests.lock().unwrap().push(request);
                     state.arrived.notify_all();
                     match reply {
@@ -145,7 +176,7 @@ impl FakeApi {
             ca_file,
             state,
             _dir: dir,
-            _runtime: runtime,
+            runtime,
         }
     }
 
@@ -165,6 +196,39 @@ impl FakeApi {
 
     pub fn set_default(&self, reply: Reply) {
         *self.state.default.lock().unwrap() = Some(reply);
+    }
+
+    /// The client ids the add-on holds a registration for.
+    pub fn registered(&self) -> BTreeSet<String> {
+        self.state.registered.lock().unwrap().clone()
+    }
+
+    /// A port on loopback that forwards each new connection to `database` while any
+    /// registration is held, and closes it at once otherwise (the add-on's network, which
+    /// admits registered dynos only).
+    pub fn gate(&self, database: SocketAddr) -> SocketAddr {
+        let listener = self
+            .runtime
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = self.state.clone();
+        self.runtime.spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if state.registered.lock().unwrap().is_empty() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(database).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        addr
     }
 
     pub fn requests(&self) -> Vec<Request> {

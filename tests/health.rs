@@ -1,0 +1,178 @@
+//! The optional HTTP health endpoint under abuse: whoever else connects to it, a probe is
+//! answered, and what the abusers cost the dyno stays bounded. A test binary of its own, so
+//! that its flood does not slow the timing-sensitive tests of other binaries.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use support::Tunnel;
+
+const START: Duration = Duration::from_secs(20);
+
+/// Kernel memory of the TCP sockets `ss` finds with `filter`, summing the skmem fields named
+/// (`r`: received and unread; `w`: queued to send).
+fn socket_memory(filter: &str, fields: &[&str]) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-tmnH", filter])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut total = 0;
+    for skmem in text.split("skmem:(").skip(1) {
+        let skmem = skmem.split(')').next().unwrap_or_default();
+        for item in skmem.split(',') {
+            let split = item
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(item.len());
+            let (name, value) = item.split_at(split);
+            if fields.contains(&name) {
+                total += value.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// One probe as a prober makes it: a new connection, `GET path`, the whole answer read.
+fn probe(port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .map_err(|e| format!("send: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[test]
+fn liveness_answers_within_a_second_while_64_clients_pipeline_requests_and_never_read() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let mut vars: BTreeMap<String, String> = db.vars.clone();
+    let port = support::free_port();
+    vars.insert("BPG_TUNNEL_HEALTH_ADDR".into(), format!("127.0.0.1:{port}"));
+    vars.insert("BPG_TUNNEL_LOG".into(), "info".into());
+    let tunnel = Tunnel::spawn(&vars, &[]);
+    tunnel.wait_for(&["event=ready"], START);
+    let ours = format!("( sport = :{port} )");
+    let theirs = format!("( dport = :{port} )");
+    let rss_before = support::rss_bytes(tunnel.pid());
+    let sockets_before = socket_memory(&ours, &["r", "w"]) + socket_memory(&theirs, &["r"]);
+
+    // 64 clients that send request after request on one connection and read nothing, and
+    // connect again whenever the endpoint lets one go.
+    let stop = Arc::new(AtomicBool::new(false));
+    let connections = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            let (stop, connections) = (stop.clone(), connections.clone());
+            std::thread::spawn(move || {
+                let batch = b"GET /liveness HTTP/1.1\r\nHost: flood\r\n\r\n".repeat(64);
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    connections.fetch_add(1, Ordering::Relaxed);
+                    stream
+                        .set_write_timeout(Some(Duration::from_millis(100)))
+                        .unwrap();
+                    // Whole requests only: the stream stays a valid pipeline however a write
+                    // is cut short.
+                    let mut at = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        match stream.write(&batch[at..]) {
+                            Ok(0) => break,
+                            Ok(n) => at = (at + n) % batch.len(),
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // A prober meanwhile: every 100 ms for 10 s.
+    let started = Instant::now();
+    let (mut worst, mut failures, mut probes) = (Duration::ZERO, Vec::new(), 0);
+    let (mut rss_peak, mut sockets_peak) = (rss_before, sockets_before);
+    while started.elapsed() < Duration::from_secs(10) {
+        let asked = Instant::now();
+        let answer = probe(port, "/liveness");
+        let took = asked.elapsed();
+        probes += 1;
+        worst = worst.max(took);
+        match answer {
+            Ok(text) if text.starts_with("HTTP/1.1 200") && took <= Duration::from_secs(1) => {}
+            Ok(text) => failures.push(format!(
+                "after {:.1?}: {took:.2?}: {}",
+                started.elapsed(),
+                text.lines().next().unwrap_or("(nothing)")
+            )),
+            Err(error) => failures.push(format!(
+                "after {:.1?}: {took:.2?}: {error}",
+                started.elapsed()
+            )),
+        }
+        rss_peak = rss_peak.max(support::rss_bytes(tunnel.pid()));
+        sockets_peak =
+            sockets_peak.max(socket_memory(&ours, &["r", "w"]) + socket_memory(&theirs, &["r"]));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().unwrap();
+    }
+    let mb = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "{probes} probes, worst {worst:.2?}, {} failed; {} flood connections; daemon RSS {:.1} -> {:.1} MB; \
+         socket memory (ours, and replies queued to the flood) {:.1} -> {:.1} MB",
+        failures.len(),
+        connections.load(Ordering::Relaxed),
+        mb(rss_before),
+        mb(rss_peak),
+        mb(sockets_before),
+        mb(sockets_peak),
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {probes} probes failed: {failures:#?}",
+        failures.len()
+    );
+    assert!(
+        rss_peak < rss_before + 16 * 1024 * 1024,
+        "RSS grew from {:.1} to {:.1} MB",
+        mb(rss_before),
+        mb(rss_peak)
+    );
+    assert!(
+        sockets_peak < sockets_before + 16 * 1024 * 1024,
+        "socket memory grew from {:.1} to {:.1} MB",
+        mb(sockets_before),
+        mb(sockets_peak)
+    );
+    // And the tunnel itself still serves.
+    assert!(probe(port, "/readiness")
+        .unwrap()
+        .starts_with("HTTP/1.1 200"));
+}
