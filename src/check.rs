@@ -216,13 +216,20 @@ pub async fn run(settings: &CheckSettings) -> ExitCode {
     }
     if !discovery.private_apps.is_empty() {
         let client_id = &settings.dyno.client_id;
+        // What the dyno's identity fell back on, said where the registration is checked.
+        let identity: String = settings
+            .dyno
+            .notices()
+            .iter()
+            .map(|notice| format!("; {}", notice.notice))
+            .collect();
         for app in &discovery.private_apps {
             let mut report = Report::new(&app.name, &app.conn_info_var, "private-app-tunnel");
             report.pass(
                 Step::Config,
                 None,
                 format!(
-                    "private-app tunnel with the add-on's API at {}{}",
+                    "private-app tunnel with the add-on's API at {}{}{identity}",
                     app.api_base_url,
                     notes(&app.name)
                 ),

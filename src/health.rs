@@ -39,6 +39,9 @@ const MAX_CONNECTIONS: usize = 64;
 /// reads holds its slot no longer than this.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 
+/// How long a connection at the end of its lifetime gets to take its last answer.
+const LAST_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Requests answered on one connection before it is closed (the last answer says
 /// `Connection: close`): a client that pipelines requests and reads nothing gets this many
 /// answers queued for it, and no more.
@@ -103,6 +106,10 @@ impl Health {
                 }
                 open.lock().expect("never poisoned").remove(id);
             });
+            // The runtime has one thread, and a burst of queued connections would otherwise be
+            // accepted in one go: a probe among them would be cut as the oldest before its
+            // request was ever read. Each new connection gets its turn first.
+            tokio::task::yield_now().await;
         }
         connections.close();
         connections.wait().await;
@@ -118,7 +125,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_recv_buffer_size(BUFFER_BYTES)?;
     socket.set_send_buffer_size(BUFFER_BYTES)?;
     socket.bind(&addr.into())?;
-    socket.listen(128)?;
+    // Room for a burst of connections, so that a probe's connect is not dropped (and retried
+    // by its kernel only a second later) while they are accepted and the oldest cut.
+    socket.listen(1024)?;
     TcpListener::from_std(socket.into())
 }
 
@@ -168,7 +177,16 @@ async fn serve_connection(stream: TcpStream, stats: Arc<Stats>) {
         .max_buf_size(BUFFER_BYTES)
         .keep_alive(true);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
-    let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        () = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+    }
+    // At the end of its lifetime: an answer under way is finished (saying `Connection: close`)
+    // and an idle keep-alive connection closed, so a scraper knows to open another; a client
+    // that does not read its answer gets a moment more, then is cut.
+    connection.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(LAST_ANSWER_TIMEOUT, connection).await;
 }
 
 fn answer(request: &Request<Incoming>, stats: &Stats) -> Response<Full<Bytes>> {

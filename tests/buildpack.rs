@@ -335,47 +335,32 @@ fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-#[test]
-fn the_buildpack_ref_installs_from_a_clone_as_the_registry_and_git_urls_do() {
-    let Some(lab) = support::lab() else { return };
-    // A repository laid out as this one, with what the release workflow's pin job uses.
-    let origin = tempfile::tempdir().unwrap();
-    let repo_copy = origin.path();
+/// A copy of this repository's release tooling (buildpack/, scripts/, Dockerfile.example) as
+/// a git repository with one commit, `main` as committed.
+fn release_repository() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
     for path in ["buildpack", "scripts", "Dockerfile.example"] {
         let status = Command::new("cp")
             .arg("-R")
             .arg(repo().join(path))
-            .arg(repo_copy)
+            .arg(dir.path())
             .status()
             .unwrap();
         assert!(status.success(), "{path}");
     }
-    let _ = std::fs::remove_dir_all(repo_copy.join("buildpack/vendor"));
-    git(repo_copy, &["init", "-q", "-b", "main"]);
-    git(repo_copy, &["config", "user.name", "Release Bot"]);
-    git(repo_copy, &["config", "user.email", "release@example.com"]);
-    git(repo_copy, &["add", "-A"]);
-    git(repo_copy, &["commit", "-q", "-m", "main as committed"]);
-    let make_ref = || {
-        Command::new(repo_copy.join("scripts/buildpack-ref.sh"))
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("HOME", repo_copy)
-            .output()
-            .unwrap()
-    };
+    let _ = std::fs::remove_dir_all(dir.path().join("buildpack/vendor"));
+    git(dir.path(), &["init", "-q", "-b", "main"]);
+    git(dir.path(), &["config", "user.name", "Release Bot"]);
+    git(dir.path(), &["config", "user.email", "release@example.com"]);
+    git(dir.path(), &["add", "-A"]);
+    git(dir.path(), &["commit", "-q", "-m", "main as committed"]);
+    dir
+}
 
-    // Before a release is pinned, there is nothing such an install could download: refused.
-    let unpinned = make_ref();
-    assert!(!unpinned.status.success(), "{}", text(&unpinned));
-    assert!(
-        text(&unpinned).contains("names no published release"),
-        "{}",
-        text(&unpinned)
-    );
-
-    // The pin job: the release's checksums and downloads (here a local copy), then the ref.
-    let version = env!("CARGO_PKG_VERSION");
-    let releases = local_releases(version);
+/// What the release workflow's pin job does for `version`, whose downloads are under
+/// `releases`: scripts/pin.sh with the release's checksums (the x86_64 tarball under test; a
+/// stand-in for aarch64), the pin committed.
+fn pin_release(repo: &Path, version: &str, releases: &Path) {
     let released = tempfile::tempdir().unwrap();
     for (target, sha) in [
         ("x86_64-unknown-linux-musl", tarball_sha256()),
@@ -389,39 +374,88 @@ fn the_buildpack_ref_installs_from_a_clone_as_the_registry_and_git_urls_do() {
         )
         .unwrap();
     }
-    let pinned = Command::new(repo_copy.join("scripts/pin.sh"))
+    let pinned = Command::new(repo.join("scripts/pin.sh"))
         .arg(version)
         .arg(released.path())
-        .arg(file_url(releases.path()))
+        .arg(file_url(releases))
         .output()
         .unwrap();
     assert!(pinned.status.success(), "{}", text(&pinned));
-    git(repo_copy, &["commit", "-q", "-am", "Pin the release"]);
-    let made = make_ref();
+    git(repo, &["commit", "-q", "-am", &format!("Pin {version}")]);
+}
+
+/// scripts/buildpack-ref.sh in `repo`, from the released commit `from`.
+fn make_buildpack_ref(repo: &Path, from: &str) -> Output {
+    Command::new(repo.join("scripts/buildpack-ref.sh"))
+        .args(["--from", from])
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", repo)
+        .output()
+        .unwrap()
+}
+
+/// A shallow clone of `repo` at `reference`, as Heroku fetches a buildpack from a registry
+/// version or a git URL.
+fn clone_at(repo: &Path, reference: &str) -> tempfile::TempDir {
+    let clone = tempfile::tempdir().unwrap();
+    let out = Command::new("git")
+        .args(["clone", "-q", "--depth", "1", "--branch", reference])
+        .arg(format!("file://{}", repo.display()))
+        .arg(clone.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    clone
+}
+
+#[test]
+fn the_buildpack_ref_installs_from_a_clone_as_the_registry_and_git_urls_do() {
+    let Some(lab) = support::lab() else { return };
+    let origin = release_repository();
+    let repo_copy = origin.path();
+    let version = env!("CARGO_PKG_VERSION");
+    let tag = format!("buildpack-v{version}");
+    let released = git(repo_copy, &["rev-parse", "HEAD"]);
+
+    // Before a release is pinned, there is nothing such an install could download: refused.
+    let unpinned = make_buildpack_ref(repo_copy, "HEAD");
+    assert!(!unpinned.status.success(), "{}", text(&unpinned));
+    assert!(
+        text(&unpinned).contains("names no published release"),
+        "{}",
+        text(&unpinned)
+    );
+
+    // The release's pin lands on main after a change to the buildpack that is not released:
+    // the ref holds the released buildpack, with the pin.
+    let detect = repo_copy.join("buildpack/bin/detect");
+    let unreleased = std::fs::read_to_string(&detect)
+        .unwrap()
+        .replace("echo \"", "echo \"unreleased ");
+    std::fs::write(&detect, unreleased).unwrap();
+    git(
+        repo_copy,
+        &["commit", "-q", "-am", "A change after the release"],
+    );
+    let releases = local_releases(version);
+    pin_release(repo_copy, version, releases.path());
+    let made = make_buildpack_ref(repo_copy, &released);
     assert!(made.status.success(), "{}", text(&made));
     let commit = String::from_utf8_lossy(&made.stdout).trim().to_owned();
-    let tag = format!("buildpack-v{version}");
     assert_eq!(
         git(repo_copy, &["rev-parse", &format!("{tag}^{{commit}}")]),
         commit
     );
     assert_eq!(git(repo_copy, &["rev-parse", "buildpack"]), commit);
     // Made again, nothing changes.
-    let again = make_ref();
+    let again = make_buildpack_ref(repo_copy, &released);
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), commit);
 
-    for branch in [tag.as_str(), "buildpack"] {
-        // As Heroku fetches a buildpack: a shallow clone of the ref, programs at its root.
-        let clones = tempfile::tempdir().unwrap();
-        let clone = clones.path().join("buildpack");
-        let out = Command::new("git")
-            .args(["clone", "-q", "--depth", "1", "--branch", branch])
-            .arg(format!("file://{}", repo_copy.display()))
-            .arg(&clone)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        let mut root: Vec<String> = std::fs::read_dir(&clone)
+    for reference in [tag.as_str(), "buildpack"] {
+        // Programs at the root of the tree, and nothing of the repository around them.
+        let clones = clone_at(repo_copy, reference);
+        let clone = clones.path();
+        let mut root: Vec<String> = std::fs::read_dir(clone)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|name| name != ".git")
@@ -437,19 +471,20 @@ fn the_buildpack_ref_installs_from_a_clone_as_the_registry_and_git_urls_do() {
                 "package.toml",
                 "profile.d"
             ],
-            "{branch}"
+            "{reference}"
         );
-        let detect = buildpack_in(&clone, "bin/detect")
-            .arg(clones.path())
+        let build = tempfile::tempdir().unwrap();
+        let detect = buildpack_in(clone, "bin/detect")
+            .arg(build.path())
             .output()
             .unwrap();
         assert!(detect.status.success(), "{}", text(&detect));
+        assert!(!text(&detect).contains("unreleased"), "{}", text(&detect));
 
         // With the binary named by BPG_TUNNEL_BINARY_URL (a local file: no network)...
-        let build = tempfile::tempdir().unwrap();
         let cache = tempfile::tempdir().unwrap();
         let env_dir = tempfile::tempdir().unwrap();
-        let compiled = buildpack_in(&clone, "bin/compile")
+        let compiled = buildpack_in(clone, "bin/compile")
             .args([build.path(), cache.path(), env_dir.path()])
             .env(
                 "BPG_TUNNEL_BINARY_URL",
@@ -458,7 +493,6 @@ fn the_buildpack_ref_installs_from_a_clone_as_the_registry_and_git_urls_do() {
             .output()
             .unwrap();
         assert!(compiled.status.success(), "{}", text(&compiled));
-
         // ...and the dyno booted from it gets its first query.
         assert_first_query(&lab, build.path());
 
@@ -466,12 +500,44 @@ fn the_buildpack_ref_installs_from_a_clone_as_the_registry_and_git_urls_do() {
         // checked against the pin.
         let build = tempfile::tempdir().unwrap();
         let cache = tempfile::tempdir().unwrap();
-        let compiled = buildpack_in(&clone, "bin/compile")
+        let compiled = buildpack_in(clone, "bin/compile")
             .args([build.path(), cache.path(), env_dir.path()])
             .output()
             .unwrap();
         assert_installed_the_pinned_release(&compiled, build.path(), version);
     }
+
+    // The next release: its own tag, on top of the first; the branch follows it, and the first
+    // tag still installs the first release.
+    let next = "99.0.0";
+    let toml = repo_copy.join("buildpack/buildpack.toml");
+    let bumped = std::fs::read_to_string(&toml).unwrap().replace(
+        &format!("version = \"{version}\""),
+        &format!("version = \"{next}\""),
+    );
+    std::fs::write(&toml, bumped).unwrap();
+    git(
+        repo_copy,
+        &["commit", "-q", "-am", &format!("Version {next}")],
+    );
+    let next_released = git(repo_copy, &["rev-parse", "HEAD"]);
+    let next_releases = local_releases(next);
+    pin_release(repo_copy, next, next_releases.path());
+    let made = make_buildpack_ref(repo_copy, &next_released);
+    assert!(made.status.success(), "{}", text(&made));
+    let next_commit = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    assert_eq!(git(repo_copy, &["rev-parse", "buildpack"]), next_commit);
+    assert_eq!(
+        git(repo_copy, &["rev-parse", &format!("{next_commit}^")]),
+        commit
+    );
+    assert_eq!(git(repo_copy, &["rev-parse", &tag]), commit);
+    let first = clone_at(repo_copy, &tag);
+    let pin = std::fs::read_to_string(first.path().join("bpg-tunnel.pin")).unwrap();
+    assert!(pin.contains(&format!("\nversion={version}\n")), "{pin}");
+    let newest = clone_at(repo_copy, "buildpack");
+    let pin = std::fs::read_to_string(newest.path().join("bpg-tunnel.pin")).unwrap();
+    assert!(pin.contains(&format!("\nversion={next}\n")), "{pin}");
 
     // A published version is never changed: a tag for other content is refused.
     std::fs::write(
@@ -480,14 +546,14 @@ fn the_buildpack_ref_installs_from_a_clone_as_the_registry_and_git_urls_do() {
     )
     .unwrap();
     git(repo_copy, &["commit", "-q", "-am", "Change the buildpack"]);
-    let moved = make_ref();
+    let moved = make_buildpack_ref(repo_copy, "HEAD");
     assert!(!moved.status.success(), "{}", text(&moved));
     assert!(
         text(&moved).contains("a published version is never changed"),
         "{}",
         text(&moved)
     );
-    assert_eq!(git(repo_copy, &["rev-parse", &tag]), commit);
+    assert_eq!(git(repo_copy, &["rev-parse", "buildpack"]), next_commit);
 }
 
 #[test]

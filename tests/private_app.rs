@@ -694,6 +694,15 @@ fn heroku_dyno_id_names_the_registration_and_a_bad_one_is_replaced() {
         "{id}"
     );
     drop(tunnel);
+    // `check`, where users look first, says so too.
+    let checked = support::check(&vars, &[]);
+    assert_eq!(checked.code, 0, "{}{}", checked.stdout, checked.stderr);
+    assert!(
+        checked.stdout.contains("HEROKU_DYNO_ID is not an id"),
+        "{}",
+        checked.stdout
+    );
+    assert!(!checked.stdout.contains("not/an id"), "{}", checked.stdout);
 
     // With a usable id, that id, as the register-and-extend test also checks.
     let vars = private_app(&api, "DATABASE", state.path());

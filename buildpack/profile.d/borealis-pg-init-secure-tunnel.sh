@@ -5,8 +5,8 @@
 # behind, and start nothing in `heroku ps:exec` sessions (SSH_CLIENT) or when
 # BPG_TUNNEL_DISABLE is set.
 # Whether an add-on is attached is decided on the variables' names alone (compgen -e): their
-# values hold the add-on's private key and token, which must not be copied into this shell's
-# memory or shown by `bash -x`.
+# values hold the add-on's private key and token, which must not be copied again through a
+# pipe into this shell (as `$(env)` did) nor shown by a trace of it.
 export PATH="$HOME/.borealis-pg/bin:$PATH"
 if [ -z "${SSH_CLIENT:-}" ] && [ -z "${BPG_TUNNEL_DISABLE:-}" ] && [ -x "$HOME/.borealis-pg/bin/bpg-tunnel" ]; then
   case $'\n'"$(compgen -e)"$'\n' in

@@ -216,6 +216,7 @@ impl FakeApi {
         self.runtime.spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 if state.registered.lock().unwrap().is_empty() {
