@@ -50,6 +50,9 @@ for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
   [[ "$(pin "sha256.$target")" =~ ^[0-9a-f]{64}$ ]] ||
     fail "buildpack/bpg-tunnel.pin has no SHA-256 for $target: every target of a release is pinned at once"
 done
+for file in buildpack.toml bin/detect bin/compile bin/build lib/install.sh; do
+  git cat-file -e "$source:buildpack/$file" 2>/dev/null || fail "$from has no buildpack/$file"
+done
 descriptor=$(git show "$source:buildpack/buildpack.toml" | sed -n 's/^version = "\(.*\)"/\1/p' | head -n 1)
 [ "$descriptor" = "$version" ] ||
   fail "buildpack/buildpack.toml of $from says version $descriptor, but bpg-tunnel.pin installs $version"
@@ -69,9 +72,11 @@ unset GIT_INDEX_FILE
 
 tag="buildpack-v$version"
 parent=$(git rev-parse -q --verify refs/heads/buildpack || true)
+tagged=false
 if commit=$(git rev-parse -q --verify "refs/tags/$tag^{commit}"); then
   [ "$(git rev-parse "$commit^{tree}")" = "$tree" ] ||
     fail "the tag $tag already names another buildpack: a published version is never changed"
+  tagged=true
 elif [ -n "$parent" ] && [ "$(git rev-parse "$parent^{tree}")" = "$tree" ]; then
   commit=$parent
 else
@@ -88,5 +93,6 @@ if [ "$commit" != "$parent" ] &&
   { [ -z "$parent" ] || git merge-base --is-ancestor "$parent" "$commit"; }; then
   git update-ref refs/heads/buildpack "$commit" "$parent"
 fi
-git update-ref "refs/tags/$tag" "$commit"
+# A tag is written once, and only where there is none (never rewritten, annotated or not).
+$tagged || git update-ref "refs/tags/$tag" "$commit" ""
 echo "$commit"

@@ -34,9 +34,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// beyond it takes the place of the oldest, so that a probe is answered whoever holds the rest.
 const MAX_CONNECTIONS: usize = 64;
 
-/// The longest a connection is kept, busy or idle. A prober opens one per probe, or keeps one
-/// alive between scrapes and opens another when it is closed; a client that sends and never
-/// reads holds its slot no longer than this.
+/// The longest a connection is kept, busy or idle, before it is closed (plus at most
+/// [`LAST_ANSWER_TIMEOUT`] to finish an answer under way). A prober opens one per probe, or
+/// keeps one alive between scrapes and opens another when it is closed; a client that sends
+/// and never reads holds its slot no longer than this.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 
 /// How long a connection at the end of its lifetime gets to take its last answer.
