@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +21,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,8 +33,11 @@ use crate::stats::{Phase, Stats};
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Probes are tiny and rare: more connections than this at once are not a prober. A new one
-/// beyond it takes the place of the oldest, so that a probe is answered whoever holds the rest.
-const MAX_CONNECTIONS: usize = 64;
+/// beyond it takes the place of another (see [`Open::admit`]), so that a probe is answered
+/// whoever holds the rest. A probe that has not sent its request yet looks like any silent
+/// connection, and is safe only until this many newer ones come: room for a prober that is
+/// slow to send, at two descriptors a connection (its own and the one that watches it).
+const MAX_CONNECTIONS: usize = 128;
 
 /// The longest a connection is kept, busy or idle, before it is closed (plus at most
 /// [`LAST_ANSWER_TIMEOUT`] to finish an answer under way). A prober opens one per probe, or
@@ -97,7 +102,10 @@ impl Health {
                     continue;
                 }
             };
-            let (id, cut) = open.lock().expect("never poisoned").admit(&shutdown);
+            let (id, cut) = open
+                .lock()
+                .expect("never poisoned")
+                .admit(&stream, &shutdown);
             let stats = stats.clone();
             let open = open.clone();
             connections.spawn(async move {
@@ -132,25 +140,65 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// The connections being served, oldest first, each with the token that cuts it.
+/// The connections being served, oldest first.
 #[derive(Default)]
 struct Open {
     next: u64,
-    by_age: BTreeMap<u64, CancellationToken>,
+    by_age: BTreeMap<u64, Slot>,
+}
+
+struct Slot {
+    /// Cuts the connection.
+    cut: CancellationToken,
+    /// The connection's socket, to see whether a request waits on it unread (a duplicate
+    /// descriptor: the connection itself is hyper's). None if none could be had (EMFILE).
+    socket: Option<OwnedFd>,
+}
+
+impl Slot {
+    /// Bytes have come that nobody has read yet: a request on its way to being answered.
+    fn has_unread(&self) -> bool {
+        let Some(socket) = &self.socket else {
+            return false;
+        };
+        let mut byte = [MaybeUninit::uninit(); 1];
+        // The descriptor shares the connection's non-blocking mode: this never waits.
+        matches!(SockRef::from(socket).peek(&mut byte), Ok(n) if n > 0)
+    }
 }
 
 impl Open {
-    /// Room for one more, made by cutting the oldest if every place is taken.
-    fn admit(&mut self, shutdown: &CancellationToken) -> (u64, CancellationToken) {
+    /// Room for `stream`, made by cutting one if every place is taken: the oldest with no
+    /// request waiting unread, else the oldest. A probe is read at the I/O driver's next turn,
+    /// and a burst can bring dozens of connections before that; cut by age alone, a probe
+    /// whose request had come could be pushed out by the burst behind it.
+    fn admit(
+        &mut self,
+        stream: &TcpStream,
+        shutdown: &CancellationToken,
+    ) -> (u64, CancellationToken) {
         while self.by_age.len() >= MAX_CONNECTIONS {
-            if let Some((_, oldest)) = self.by_age.pop_first() {
-                oldest.cancel();
+            let victim = self
+                .by_age
+                .iter()
+                .find(|(_, slot)| !slot.has_unread())
+                .or_else(|| self.by_age.iter().next())
+                .map(|(id, _)| *id);
+            if let Some(slot) = victim.and_then(|id| self.by_age.remove(&id)) {
+                slot.cut.cancel();
             }
         }
         let id = self.next;
         self.next += 1;
         let cut = shutdown.child_token();
-        self.by_age.insert(id, cut.clone());
+        let socket = stream.as_fd().try_clone_to_owned().ok();
+        self.by_age.insert(
+            id,
+            Slot {
+                cut: cut.clone(),
+                socket,
+            },
+        );
         (id, cut)
     }
 
