@@ -56,6 +56,13 @@ fn text(output: &Output) -> String {
     )
 }
 
+/// The program failed and said `says`.
+fn assert_refused(output: &Output, says: &str) {
+    let out = text(output);
+    assert!(!output.status.success(), "{out}");
+    assert!(out.contains(says), "{out}");
+}
+
 fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
@@ -274,9 +281,7 @@ fn classic_compile_without_an_override_installs_the_pinned_release_only() {
     pin_to(&file_url(releases.path()), &"f".repeat(64));
     let build = tempfile::tempdir().unwrap();
     let refused = compile(build.path());
-    let out = text(&refused);
-    assert!(!refused.status.success(), "{out}");
-    assert!(out.contains("Checksum mismatch"), "{out}");
+    assert_refused(&refused, "Checksum mismatch");
     assert!(!build.path().join(".borealis-pg/bin/bpg-tunnel").exists());
 }
 
@@ -419,12 +424,7 @@ fn the_buildpack_ref_installs_from_a_clone_as_the_registry_and_git_urls_do() {
 
     // Before a release is pinned, there is nothing such an install could download: refused.
     let unpinned = make_buildpack_ref(repo_copy, "HEAD");
-    assert!(!unpinned.status.success(), "{}", text(&unpinned));
-    assert!(
-        text(&unpinned).contains("names no published release"),
-        "{}",
-        text(&unpinned)
-    );
+    assert_refused(&unpinned, "names no published release");
 
     // The release's pin lands on main after a change to the buildpack that is not released:
     // the ref holds the released buildpack, with the pin.
@@ -547,12 +547,7 @@ fn the_buildpack_ref_installs_from_a_clone_as_the_registry_and_git_urls_do() {
     .unwrap();
     git(repo_copy, &["commit", "-q", "-am", "Change the buildpack"]);
     let moved = make_buildpack_ref(repo_copy, "HEAD");
-    assert!(!moved.status.success(), "{}", text(&moved));
-    assert!(
-        text(&moved).contains("a published version is never changed"),
-        "{}",
-        text(&moved)
-    );
+    assert_refused(&moved, "a published version is never changed");
     assert_eq!(git(repo_copy, &["rev-parse", "buildpack"]), next_commit);
 }
 
@@ -723,24 +718,6 @@ echo continued"#;
     assert!(lines.iter().any(|l| l.contains("event=config-error")));
 }
 
-/// The secrets of the lab's add-on: the database password (as typed, and as the URL holds it)
-/// and lines of the client's key.
-fn lab_secrets(lab: &support::Lab) -> Vec<String> {
-    let mut secrets = vec![
-        support::DB_PASSWORD.to_owned(),
-        support::percent_encode(support::DB_PASSWORD),
-    ];
-    secrets.extend(
-        lab.client_key
-            .private
-            .lines()
-            .skip(1)
-            .take(3)
-            .map(str::to_owned),
-    );
-    secrets
-}
-
 #[test]
 fn profile_d_decides_on_names_alone_and_moves_no_secret_through_the_shell() {
     let Some(lab) = support::lab() else { return };
@@ -781,7 +758,7 @@ fn profile_d_decides_on_names_alone_and_moves_no_secret_through_the_shell() {
         traced.contains("write("),
         "strace recorded nothing: {traced}"
     );
-    for secret in lab_secrets(&lab) {
+    for secret in lab.secrets() {
         assert!(
             !out.contains(&secret),
             "a secret in the shell's trace:\n{out}"
@@ -874,11 +851,9 @@ fn cnb_package_builds_the_layer_for_the_images_architecture_whose_exec_d_is_the_
         .env("BPG_TUNNEL_BINARY_SHA256", sha256_of(&arm_tarball))
         .output()
         .unwrap();
-    let out = text(&wrong);
-    assert!(!wrong.status.success(), "{out}");
-    assert!(
-        out.contains("is for aarch64, but this build is for x86_64-unknown-linux-musl"),
-        "{out}"
+    assert_refused(
+        &wrong,
+        "is for aarch64, but this build is for x86_64-unknown-linux-musl",
     );
     assert!(!wrong_layers
         .path()
@@ -1231,18 +1206,12 @@ fn dockerfile_example_installs_a_release_only_with_its_pinned_checksum() {
     let installed = bin.path().join("bpg-tunnel");
 
     let refused = install(&"0".repeat(64), &base, Some("amd64"));
-    assert!(!refused.status.success(), "{}", text(&refused));
-    assert!(text(&refused).contains("FAILED"), "{}", text(&refused));
+    assert_refused(&refused, "FAILED");
     assert!(!installed.exists(), "nothing installed on a mismatch");
 
     // No checksum pinned for arm64 (as here): refused before any download.
     let unpinned = install(&tarball_sha256(), &base, Some("arm64"));
-    assert!(!unpinned.status.success());
-    assert!(
-        text(&unpinned).contains("Set --build-arg BPG_TUNNEL_RELEASES"),
-        "{}",
-        text(&unpinned)
-    );
+    assert_refused(&unpinned, "Set --build-arg BPG_TUNNEL_RELEASES");
 
     let ok = install(&tarball_sha256(), &base, None);
     assert!(ok.status.success(), "{}", text(&ok));

@@ -28,6 +28,23 @@ pub struct Lab {
     pub client_key: KeyPair,
 }
 
+impl Lab {
+    /// The add-on's secrets, to look for where none may be: the database password (as typed,
+    /// and as the URL holds it) and lines of the client's key.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = vec![DB_PASSWORD.to_owned(), percent_encode(DB_PASSWORD)];
+        secrets.extend(
+            self.client_key
+                .private
+                .lines()
+                .skip(1)
+                .take(3)
+                .map(str::to_owned),
+        );
+        secrets
+    }
+}
+
 /// The config vars of one add-on attachment, as Heroku would set them.
 #[derive(Clone, Debug)]
 pub struct Attachment {
