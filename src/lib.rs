@@ -1,6 +1,6 @@
 //! bpg-tunnel: keeps Borealis Isolated Postgres reachable on 127.0.0.1 from a Heroku dyno.
 //!
-//! One module per concern; the README's "How the code is laid out" walks the data path.
+//! One module per concern; docs/architecture.md walks the data path.
 //! - [`options`]: the daemon's own settings (`BPG_TUNNEL_*` and flags), turned into each
 //!   component's typed settings.
 //! - `config`: discovers add-on attachments from the environment.

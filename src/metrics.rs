@@ -1,6 +1,6 @@
 //! A metrics line per add-on at an interval, in l2met form, for Heroku's log-based metrics:
 //! `sample#` for levels, `count#` for what happened since the previous line, `measure#` for a
-//! timing. The names are the README's and do not change.
+//! timing. The names are docs/operating.md's and do not change.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -153,7 +153,7 @@ pub struct Options {
     #[arg(long, env = "BPG_TUNNEL_TEST_API_CA_FILE", hide = true)]
     test_api_ca_file: Option<OsString>,
 
-    /// How often to log a metrics line per add-on (l2met form, see the README); 0 for never.
+    /// How often to log a metrics line per add-on (l2met form, see docs/operating.md); 0 for never.
     #[arg(
         long,
         env = "BPG_TUNNEL_METRICS_INTERVAL",

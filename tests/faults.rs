@@ -1,7 +1,7 @@
 //! The fault matrix: each row a fault applied while a load of 16 clients runs through the
 //! tunnel, with what a user must see. The SSH session goes through a fault relay
 //! (`support::relay`) where the kernel cannot make the fault. Every row prints its figures
-//! (`cargo test --test faults -- --nocapture`); the README's "Faults survived" comes from them.
+//! (`cargo test --test faults -- --nocapture`); docs/performance.md's "Faults survived" comes from them.
 
 mod support;
 
