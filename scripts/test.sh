@@ -27,7 +27,7 @@ trap 'rm -f "$log"' EXIT
 echo "-----> russh as patched (patches/russh): russh's own tests and the patch's"
 scripts/patch-russh.sh --check
 # The crate's own lock file, and a target directory of its own: its dev-dependencies are not ours.
-cargo test --locked --manifest-path build/russh-from-scripts-patch-russh.sh/Cargo.toml --target-dir target/russh --lib --tests 2>&1 | tee "$log"
+cargo test --locked --manifest-path build/russh-from-scripts-patch-russh.sh/Cargo.toml --target-dir target/russh --features misbehave --lib --tests 2>&1 | tee "$log"
 echo "-----> unit, property and end-to-end tests (debug build)"
 # The `test-api-ca` feature lets the private-app tests' fake API be trusted; release builds lack it.
 cargo test --locked --features test-api-ca --lib --bins --test tunnel --test check --test flow_control --test lifecycle --test private_app --test secrets --test operability --test health --test faults 2>&1 | tee -a "$log"

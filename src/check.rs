@@ -313,7 +313,7 @@ async fn check_ssh(addon: &Addon, check: &CheckSettings, report: &mut Report) {
     report.pass(Step::Tcp, Some(started.elapsed()), reached.to_string());
 
     let started = Instant::now();
-    let session = match Session::connect(server, settings).await {
+    let session = match Session::connect(server, settings, Default::default()).await {
         Ok(session) => session,
         Err(error) => {
             let took = Some(started.elapsed());

@@ -5,6 +5,7 @@
 //! so the app never sees "connection refused": while the session is down a new connection
 //! simply waits for the next one.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -215,12 +216,15 @@ impl Connection {
             if waited >= Duration::from_millis(100) {
                 debug!(event = "connection-waited", addon, %role, %peer, ms = waited.as_millis() as u64);
             }
-            let copied = tokio::select! {
-                copied = copy(stream, channel, stats) => copied,
-                // A copy waiting for SSH window is not woken when the session dies.
-                () = session_closed.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the SSH session ended")),
-                () = shutdown.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "bpg-tunnel is stopping")),
+            // A copy waiting for SSH window is not woken when the session dies.
+            let aborted = async {
+                let reason = tokio::select! {
+                    () = session_closed.cancelled() => "the SSH session ended",
+                    () = shutdown.cancelled() => "bpg-tunnel is stopping",
+                };
+                io::Error::new(io::ErrorKind::ConnectionAborted, reason)
             };
+            let copied = copy(stream, channel, stats, aborted).await;
             match copied {
                 Ok((up, down)) => {
                     debug!(event = "connection-closed", addon, %role, %peer, bytes_up = up, bytes_down = down)
@@ -234,27 +238,32 @@ impl Connection {
     }
 }
 
-/// Copies both ways, passing each end-of-file on, until the channel is closed; like
-/// `tokio::io::copy_bidirectional`, but without its two zero-filled buffers per connection:
-/// data from the database goes from russh's own packet buffer straight to the app's socket, and
-/// the buffer for the app's data is filled only as far as the app writes. Returns the bytes
-/// sent up and down.
+/// Copies both ways, passing each end-of-file on, until the channel is closed or `aborted`
+/// resolves; like `tokio::io::copy_bidirectional`, but without its two zero-filled buffers per
+/// connection: data from the database goes from russh's own packet buffer straight to the app's
+/// socket, and the buffer for the app's data is filled only as far as the app writes. Returns
+/// the bytes sent up and down.
+///
+/// A copy that ends in any other way than the server closing the channel resets the app's
+/// connection: a clean end-of-file there would pass a stream cut short (by a session lost or
+/// ended for a protocol violation) off as a whole one.
 async fn copy(
     client: TcpStream,
     channel: Channel<Msg>,
     stats: &AddonStats,
+    aborted: impl Future<Output = io::Error>,
 ) -> io::Result<(u64, u64)> {
-    let (client_read, client_write) = client.into_split();
+    let (mut client_read, mut client_write) = client.into_split();
     let (channel_read, channel_write) = channel.split();
     let mut sent_up = 0;
     let copied = async {
         let up = copy_up(
-            client_read,
+            &mut client_read,
             channel_write.make_writer(),
             &mut sent_up,
             stats,
         );
-        let down = copy_down(channel_read, client_write, stats);
+        let down = copy_down(channel_read, &mut client_write, stats);
         tokio::pin!(up, down);
         let mut up_done = false;
         loop {
@@ -268,17 +277,30 @@ async fn copy(
                 result = &mut down => return result,
             }
         }
-    }
-    .await;
+    };
+    let copied = tokio::select! {
+        copied = copied => copied,
+        error = aborted => Err(error),
+    };
     // Split halves do not close the channel when dropped (a whole `Channel` stream would): say
-    // so, or sshd keeps its side, and the database connection, open. When this future is
-    // dropped instead, the session is ending and takes its channels with it.
+    // so, or sshd keeps its side, and the database connection, open.
     let _ = channel_write.close().await;
+    if copied.is_err() {
+        reset(client_read, client_write);
+    }
     copied.map(|received_down| (sent_up, received_down))
 }
 
+/// Closes the app's connection with a reset, never an end-of-file.
+fn reset(read: OwnedReadHalf, write: OwnedWriteHalf) {
+    let _ = socket2::SockRef::from(write.as_ref()).set_linger(Some(Duration::ZERO));
+    // Dropping the write half would send a FIN first; the socket closes with the read half.
+    write.forget();
+    drop(read);
+}
+
 async fn copy_up(
-    mut from: OwnedReadHalf,
+    from: &mut OwnedReadHalf,
     mut to: impl AsyncWrite + Unpin,
     sent: &mut u64,
     stats: &AddonStats,
@@ -300,13 +322,15 @@ async fn copy_up(
 /// the app's side can stop too. While the app does not read, neither does this, and the server
 /// stops sending on this channel once its window is full (see `patches/russh/`). Owns the read
 /// half so that, when this ends, what is still queued is given back to the server as window.
+/// A channel that ends without the server's close ended with its session: an error.
 async fn copy_down(
     mut from: ChannelReadHalf,
-    mut to: OwnedWriteHalf,
+    to: &mut OwnedWriteHalf,
     stats: &AddonStats,
 ) -> io::Result<u64> {
     let mut received = 0;
     let mut eof = false;
+    let mut closed = false;
     while let Some(message) = from.wait().await {
         match message {
             ChannelMsg::Data { data } if !eof => {
@@ -318,10 +342,19 @@ async fn copy_down(
                 eof = true;
                 to.shutdown().await?;
             }
-            ChannelMsg::Close => break,
+            ChannelMsg::Close => {
+                closed = true;
+                break;
+            }
             // Window adjustments and the like: russh has acted on them already.
             _ => {}
         }
+    }
+    if !closed {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the SSH session ended before the server closed the channel",
+        ));
     }
     if !eof {
         to.shutdown().await?;

@@ -61,6 +61,8 @@ fn line(addon: &AddonStats, delta: &Counts, rss: &str) {
                 "count#bpg-tunnel.connections.wait-expired" = delta.wait_expired,
                 "count#bpg-tunnel.channels.refused" = delta.refused,
                 "count#bpg-tunnel.reconnects" = delta.reconnects,
+                "count#bpg-tunnel.server-channels.refused" = delta.server_channels_refused,
+                "count#bpg-tunnel.protocol-violations" = delta.protocol_violations,
                 "sample#bpg-tunnel.session.up" = up,
                 "count#bpg-tunnel.bytes.up" = delta.bytes_up,
                 "count#bpg-tunnel.bytes.down" = delta.bytes_down,
@@ -84,6 +86,8 @@ struct Counts {
     wait_expired: u64,
     refused: u64,
     reconnects: u64,
+    server_channels_refused: u64,
+    protocol_violations: u64,
     bytes_up: u64,
     bytes_down: u64,
 }
@@ -96,6 +100,8 @@ impl Counts {
             wait_expired: addon.wait_expired.get(),
             refused: addon.refused.get(),
             reconnects: addon.reconnects.get(),
+            server_channels_refused: addon.server_channels_refused.get(),
+            protocol_violations: addon.protocol_violations.get(),
             bytes_up: addon.bytes_up.get(),
             bytes_down: addon.bytes_down.get(),
         }
@@ -109,6 +115,12 @@ impl Counts {
             wait_expired: self.wait_expired.saturating_sub(earlier.wait_expired),
             refused: self.refused.saturating_sub(earlier.refused),
             reconnects: self.reconnects.saturating_sub(earlier.reconnects),
+            server_channels_refused: self
+                .server_channels_refused
+                .saturating_sub(earlier.server_channels_refused),
+            protocol_violations: self
+                .protocol_violations
+                .saturating_sub(earlier.protocol_violations),
             bytes_up: self.bytes_up.saturating_sub(earlier.bytes_up),
             bytes_down: self.bytes_down.saturating_sub(earlier.bytes_down),
         }

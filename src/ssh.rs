@@ -14,17 +14,19 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use russh::client::{self, DisconnectReason, Handle, Msg};
+use prometheus_client::metrics::counter::Counter;
+use russh::client::{self, ChannelOpenHandle, DisconnectReason, Handle, Msg};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
-use russh::Channel;
+use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::debug;
 
 use crate::config::keys::{describe_key, HostKey};
 use crate::config::SshServer;
@@ -60,10 +62,31 @@ pub enum SessionError {
     #[error("{server} offers only SHA-1 RSA signatures (ssh-rsa) for {what}; refusing them, as OpenSSH does since 8.8: the server needs rsa-sha2-256 or rsa-sha2-512, or another key type")]
     Sha1Only { server: String, what: &'static str },
     #[error("SSH session with {server} failed: {source}")]
-    Protocol {
-        server: String,
-        source: russh::Error,
-    },
+    Protocol { server: String, source: ClientError },
+}
+
+/// What ends a session from our side of it: russh's errors, and a server breaking the protocol
+/// in a way russh lets through.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Ssh(#[from] russh::Error),
+    #[error("the server sent {0}")]
+    Violation(&'static str),
+}
+
+impl ClientError {
+    /// The server broke the protocol in a way that could cost us memory or data, rather than
+    /// the network or the server going away.
+    fn is_violation(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Violation(_)
+                | ClientError::Ssh(
+                    russh::Error::WindowExceeded { .. } | russh::Error::ChannelQueueFull { .. }
+                )
+        )
+    }
 }
 
 impl SessionError {
@@ -93,6 +116,8 @@ pub enum Ended {
     Unresponsive(Duration),
     /// The server or the network closed it; the text says how, when known.
     Closed(String),
+    /// We ended it: the server broke the protocol (sent data beyond a channel's window, say).
+    Violation(String),
 }
 
 impl std::fmt::Display for Ended {
@@ -101,7 +126,7 @@ impl std::fmt::Display for Ended {
             Ended::Unresponsive(silence) => {
                 write!(f, "no answer to keepalives for {} ms", silence.as_millis())
             }
-            Ended::Closed(how) => f.write_str(how),
+            Ended::Closed(how) | Ended::Violation(how) => f.write_str(how),
         }
     }
 }
@@ -121,12 +146,16 @@ pub struct Session {
     bytes_in: Arc<AtomicU64>,
     closed: CancellationToken,
     close_reason: Arc<Mutex<Option<String>>>,
+    violated: Arc<AtomicBool>,
 }
 
 impl Session {
+    /// Connects and authenticates. Channels the server tries to open are refused and counted
+    /// in `server_opens_refused`: we never ask for any.
     pub async fn connect(
         server: &SshServer,
         settings: &SessionSettings,
+        server_opens_refused: Counter,
     ) -> Result<Session, SessionError> {
         let name = server.address();
         let deadline = tokio::time::Instant::now() + settings.connect_timeout;
@@ -155,11 +184,14 @@ impl Session {
         let bytes_in = Arc::new(AtomicU64::new(0));
         let closed = CancellationToken::new();
         let close_reason = Arc::new(Mutex::new(None));
+        let violated = Arc::new(AtomicBool::new(false));
         let presented = Arc::new(Mutex::new(None));
         let client = Client {
             expected: server.host_key.clone(),
             presented: presented.clone(),
             close_reason: close_reason.clone(),
+            violated: violated.clone(),
+            server_opens_refused,
             _closed_on_drop: closed.clone().drop_guard(),
         };
         let stream = CountingStream {
@@ -181,6 +213,7 @@ impl Session {
                 bytes_in,
                 closed,
                 close_reason,
+                violated,
             }),
             Err(error) => {
                 // Stops russh's session task, which may be blocked on the socket.
@@ -240,7 +273,11 @@ impl Session {
             tokio::select! {
                 () = self.closed.cancelled() => {
                     let reason = self.close_reason.lock().ok().and_then(|mut r| r.take());
-                    return Ended::Closed(reason.unwrap_or_else(|| "connection closed".into()));
+                    let reason = reason.unwrap_or_else(|| "connection closed".into());
+                    if self.violated.load(Ordering::Acquire) {
+                        return Ended::Violation(reason);
+                    }
+                    return Ended::Closed(reason);
                 }
                 () = tokio::time::sleep(tick) => {}
             }
@@ -296,9 +333,9 @@ async fn handshake(
     name: &str,
     presented: &Mutex<Option<String>>,
 ) -> Result<Handle<Client>, SessionError> {
-    let protocol = |source| SessionError::Protocol {
+    let protocol = |source: russh::Error| SessionError::Protocol {
         server: name.to_owned(),
-        source,
+        source: source.into(),
     };
     let config = Arc::new(client::Config {
         // We judge liveness ourselves (see `Session::ended`).
@@ -319,11 +356,11 @@ async fn handshake(
                     expected: server.host_key.describe(),
                 });
             }
-            if let russh::Error::NoCommonAlgo {
+            if let ClientError::Ssh(russh::Error::NoCommonAlgo {
                 kind: russh::AlgorithmKind::Key,
                 theirs,
                 ..
-            } = &error
+            }) = &error
             {
                 if !theirs.is_empty() && theirs.iter().all(|algorithm| algorithm == "ssh-rsa") {
                     return Err(SessionError::Sha1Only {
@@ -332,7 +369,10 @@ async fn handshake(
                     });
                 }
             }
-            return Err(protocol(error));
+            return Err(SessionError::Protocol {
+                server: name.to_owned(),
+                source: error,
+            });
         }
     };
 
@@ -430,13 +470,29 @@ struct Client {
     /// Set to the presented key's description when it does not match.
     presented: Arc<Mutex<Option<String>>>,
     close_reason: Arc<Mutex<Option<String>>>,
+    /// Set when the session ends because the server broke the protocol.
+    violated: Arc<AtomicBool>,
+    server_opens_refused: Counter,
     /// russh drops the handler when its session task ends, for whatever reason: that is the one
     /// signal that covers every way a session can die.
     _closed_on_drop: DropGuard,
 }
 
+impl Client {
+    /// We never ask the server to open a channel (no remote forwarding, no agent, no X11): one it
+    /// opens would be kept, with its queue, by nobody.
+    async fn refuse(&self, kind: &str, reply: ChannelOpenHandle) -> Result<(), ClientError> {
+        self.server_opens_refused.inc();
+        debug!(event = "server-channel-refused", kind);
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+}
+
 impl client::Handler for Client {
-    type Error = russh::Error;
+    type Error = ClientError;
 
     async fn check_server_key(
         &mut self,
@@ -469,7 +525,12 @@ impl client::Handler for Client {
             DisconnectReason::ReceivedDisconnect(info) => {
                 format!("server disconnected: {}", info.message)
             }
-            DisconnectReason::Error(error) => error.to_string(),
+            DisconnectReason::Error(error) => {
+                if error.is_violation() {
+                    self.violated.store(true, Ordering::Release);
+                }
+                error.to_string()
+            }
         };
         if let Ok(mut slot) = self.close_reason.lock() {
             slot.get_or_insert(text);
@@ -478,6 +539,105 @@ impl client::Handler for Client {
             DisconnectReason::ReceivedDisconnect(_) => Ok(()),
             DisconnectReason::Error(error) => Err(error),
         }
+    }
+
+    /// A `direct-tcpip` channel carries one byte stream; OpenSSH never sends extended data on
+    /// one, and queueing it for nobody would let a server grow our memory.
+    async fn extended_data(
+        &mut self,
+        _channel: ChannelId,
+        _ext: u32,
+        _data: &[u8],
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        Err(ClientError::Violation(
+            "extended data on a direct-tcpip channel, which carries only the database's stream",
+        ))
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("forwarded-tcpip", reply).await
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("forwarded-streamlocal", reply).await
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("agent", reply).await
+    }
+
+    async fn should_accept_unknown_server_channel(
+        &mut self,
+        _id: ChannelId,
+        _channel_type: &str,
+    ) -> bool {
+        // russh refuses it; counted here.
+        self.server_opens_refused.inc();
+        false
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("session", reply).await
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("direct-tcpip", reply).await
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("direct-streamlocal", reply).await
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse("x11", reply).await
     }
 }
 

@@ -143,6 +143,8 @@ struct Families {
     bytes_up: Family<AddonLabel, Counter>,
     bytes_down: Family<AddonLabel, Counter>,
     reconnects: Family<AddonLabel, Counter>,
+    server_channels_refused: Family<AddonLabel, Counter>,
+    protocol_violations: Family<AddonLabel, Counter>,
     session_up: Family<AddonLabel, Gauge>,
     channel_open: Family<AddonLabel, Histogram, fn() -> Histogram>,
     registered: Family<AddonLabel, Gauge>,
@@ -160,6 +162,8 @@ impl Families {
             bytes_up: Family::default(),
             bytes_down: Family::default(),
             reconnects: Family::default(),
+            server_channels_refused: Family::default(),
+            protocol_violations: Family::default(),
             session_up: Family::default(),
             // 1 ms to about 16 s.
             channel_open: Family::new_with_constructor(|| {
@@ -210,6 +214,16 @@ impl Families {
             f.reconnects.clone(),
         );
         registry.register(
+            "server_channels_refused",
+            "Channels the SSH server tried to open towards us, all refused",
+            f.server_channels_refused.clone(),
+        );
+        registry.register(
+            "protocol_violations",
+            "SSH sessions ended because the server broke the protocol",
+            f.protocol_violations.clone(),
+        );
+        registry.register(
             "session_up",
             "1 while the add-on's SSH session is up",
             f.session_up.clone(),
@@ -255,6 +269,8 @@ pub struct AddonStats {
     pub bytes_up: Counter,
     pub bytes_down: Counter,
     pub reconnects: Counter,
+    pub server_channels_refused: Counter,
+    pub protocol_violations: Counter,
     session_up: Gauge,
     channel_open: Histogram,
     session: Mutex<SessionState>,
@@ -275,6 +291,11 @@ impl AddonStats {
             bytes_up: families.bytes_up.get_or_create(&label).clone(),
             bytes_down: families.bytes_down.get_or_create(&label).clone(),
             reconnects: families.reconnects.get_or_create(&label).clone(),
+            server_channels_refused: families
+                .server_channels_refused
+                .get_or_create(&label)
+                .clone(),
+            protocol_violations: families.protocol_violations.get_or_create(&label).clone(),
             session_up: families.session_up.get_or_create(&label).clone(),
             channel_open: families.channel_open.get_or_create(&label).clone(),
             session: Mutex::default(),

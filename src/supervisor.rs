@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Addon;
-use crate::ssh::{Session, SessionError, SessionSettings};
+use crate::ssh::{Ended, Session, SessionError, SessionSettings};
 use crate::stats::AddonStats;
 
 /// The first reconnect comes within this long of a lost session.
@@ -79,7 +79,11 @@ impl Supervisor {
             info!(event = "ssh-connecting", addon, server, attempt);
             let started = Instant::now();
             let connected = tokio::select! {
-                result = Session::connect(&self.addon.ssh, &self.settings.session) => result,
+                result = Session::connect(
+                    &self.addon.ssh,
+                    &self.settings.session,
+                    self.stats.server_channels_refused.clone(),
+                ) => result,
                 () = shutdown.cancelled() => break,
             };
             let delay = match connected {
@@ -109,13 +113,15 @@ impl Supervisor {
                         break;
                     };
                     self.stats.session_down(ended.to_string());
-                    warn!(
-                        event = "ssh-disconnected",
-                        addon,
-                        server,
-                        reason = %ended,
-                        up_ms = up_since.elapsed().as_millis() as u64
-                    );
+                    let up_ms = up_since.elapsed().as_millis() as u64;
+                    if let Ended::Violation(_) = ended {
+                        // Ours to end, and loud: a server that ignores the protocol may be
+                        // corrupting what it sends.
+                        self.stats.protocol_violations.inc();
+                        error!(event = "protocol-violation", addon, server, reason = %ended, up_ms);
+                    } else {
+                        warn!(event = "ssh-disconnected", addon, server, reason = %ended, up_ms);
+                    }
                     if up_since.elapsed() >= STABLE_AFTER {
                         backoff.reset();
                     }

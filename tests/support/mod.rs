@@ -15,6 +15,7 @@
 //! - [`loss`]: packet loss on a loopback port, with nftables.
 //! - [`old_tunnel`]: autossh + `ssh -L` as the old buildpack ran them, the yardstick.
 //! - [`api`]: a fake of the add-on's HTTP API, for private-app-tunnel mode.
+//! - [`rogue`]: an SSH server that breaks the protocol on purpose (russh's, patched for it).
 //!
 //! Under `CI=true` a missing server binary fails the test; elsewhere the test is skipped with a
 //! message.
@@ -28,6 +29,7 @@ pub mod old_tunnel;
 pub mod postgres;
 pub mod process;
 pub mod relay;
+pub mod rogue;
 pub mod sshd;
 pub mod tunnel;
 
