@@ -4,7 +4,7 @@
 //!   passed), 503 before;
 //! - `/liveness`: 200 while the process answers at all;
 //! - `/readiness`: 200 while every add-on's SSH session is up (and every private-app
-//!   registration held) and the tunnel is not stopping; 503 with what is not, otherwise;
+//!   registration held) and the tunnel serves; 503 otherwise; either way each add-on's state;
 //! - `/metrics`: the figures of the metrics lines, in Prometheus' text format.
 
 use std::collections::BTreeMap;
@@ -267,34 +267,45 @@ fn answer(request: &Request<Incoming>, stats: &Stats) -> Response<Full<Bytes>> {
     }
 }
 
-/// 200 "ready", or 503 with a line for each thing that is not.
+/// 200 when every add-on is up and the tunnel serves, 503 otherwise; the body says which, with
+/// each add-on's name and state and nothing more. Anyone who reaches the port reads it, and an
+/// error's text names the SSH user, the server, or the host keys' fingerprints.
 fn readiness(stats: &Stats) -> Response<Full<Bytes>> {
-    let mut not = Vec::new();
-    match stats.phase() {
-        Phase::Starting => not.push("starting".to_owned()),
-        Phase::Stopping => not.push("stopping".to_owned()),
-        Phase::Serving => {}
-    }
+    let (status, body) = readiness_of(stats);
+    text(status, body)
+}
+
+fn readiness_of(stats: &Stats) -> (StatusCode, String) {
+    let mut ready = stats.phase() == Phase::Serving;
+    let mut states = String::new();
     for addon in stats.addons() {
         let session = addon.session();
-        if !session.up {
-            let why = session
-                .last_error
-                .map(|(_, error)| format!(": {error}"))
-                .unwrap_or_default();
-            not.push(format!("{}: SSH session down{why}", addon.name));
-        }
+        ready &= session.up;
+        let state = match (session.up, session.since) {
+            (true, _) => "up",
+            // No attempt has ended yet.
+            (false, None) => "connecting",
+            (false, Some(_)) => "down",
+        };
+        states += &format!("{}: {state}\n", addon.name);
     }
     for registration in stats.registrations() {
-        if !registration.state().registered {
-            not.push(format!("{}: not registered", registration.name));
-        }
+        let registered = registration.state().registered;
+        ready &= registered;
+        let state = if registered {
+            "registered"
+        } else {
+            "not registered"
+        };
+        states += &format!("{}: {state}\n", registration.name);
     }
-    if not.is_empty() {
-        text(StatusCode::OK, "ready\n".into())
-    } else {
-        text(StatusCode::SERVICE_UNAVAILABLE, not.join("\n") + "\n")
-    }
+    let (status, verdict) = match (ready, stats.phase()) {
+        (true, _) => (StatusCode::OK, "ready"),
+        (false, Phase::Starting) => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+        (false, Phase::Stopping) => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+        (false, Phase::Serving) => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+    };
+    (status, format!("{verdict}\n{states}"))
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -305,4 +316,50 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_says_each_addons_state_and_nothing_its_errors_said() {
+        let stats = Stats::new(
+            &[
+                ("DATABASE".into(), "ssh.example:2222".into()),
+                ("BOREALIS_PG_RED".into(), "ssh.example:2222".into()),
+            ],
+            &["PRIVATE_DB".into()],
+        );
+        assert_eq!(
+            readiness_of(&stats),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting\nDATABASE: connecting\nBOREALIS_PG_RED: connecting\nPRIVATE_DB: not registered\n".into()
+            )
+        );
+        stats.advance(Phase::Serving);
+        let red = stats.addon("BOREALIS_PG_RED").unwrap();
+        red.session_down("ssh.example:2222 presented host key SHA256:AAAA, but SSH_PUBLIC_HOST_KEY is SHA256:BBBB".into());
+        stats.addon("DATABASE").unwrap().session_up(false);
+        stats.registration("PRIVATE_DB").unwrap().renewed();
+        assert_eq!(
+            readiness_of(&stats),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready\nDATABASE: up\nBOREALIS_PG_RED: down\nPRIVATE_DB: registered\n".into()
+            )
+        );
+        red.session_up(false);
+        assert_eq!(
+            readiness_of(&stats),
+            (
+                StatusCode::OK,
+                "ready\nDATABASE: up\nBOREALIS_PG_RED: up\nPRIVATE_DB: registered\n".into()
+            )
+        );
+        stats.advance(Phase::Stopping);
+        assert_eq!(readiness_of(&stats).0, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(readiness_of(&stats).1.starts_with("stopping\n"));
+    }
 }

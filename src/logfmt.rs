@@ -106,15 +106,32 @@ fn push_value(line: &mut String, value: &str) {
     for c in value.chars() {
         match c {
             '"' => line.push_str("\\\""),
-            '\\' => line.push_str("\\\\"),
-            '\n' => line.push_str("\\n"),
-            c if c.is_control() => {
-                let _ = write!(line, "\\u{{{:x}}}", c as u32);
-            }
-            c => line.push(c),
+            c => push_escaped_char(line, c),
         }
     }
     line.push('"');
+}
+
+/// `value` as the logs write it inside quotes, minus the quotes: a backslash doubled, a newline
+/// as `\n` and any other control character as `\u{1b}`, so that text from a server or the
+/// environment can neither start a line of its own nor drive the terminal it is shown on.
+pub(crate) fn escape_controls(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        push_escaped_char(&mut escaped, c);
+    }
+    escaped
+}
+
+fn push_escaped_char(line: &mut String, c: char) {
+    match c {
+        '\\' => line.push_str("\\\\"),
+        '\n' => line.push_str("\\n"),
+        c if c.is_control() => {
+            let _ = write!(line, "\\u{{{:x}}}", c as u32);
+        }
+        c => line.push(c),
+    }
 }
 
 /// Where the log lines go.
@@ -167,5 +184,17 @@ mod tests {
             line,
             r#" addon=DATABASE reason="connection reset by peer" empty="" q="say \"hi\"\nbye""#
         );
+    }
+
+    #[test]
+    fn text_for_a_terminal_is_escaped_as_in_the_logs() {
+        let hostile = "bye\x1b[2J\r\nforged \\ \u{9b}";
+        assert_eq!(
+            escape_controls(hostile),
+            r"bye\u{1b}[2J\u{d}\nforged \\ \u{9b}"
+        );
+        let mut line = String::new();
+        push_value(&mut line, hostile);
+        assert_eq!(line, format!("\"{}\"", escape_controls(hostile)));
     }
 }

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::lifecycle::{check_private, private_dir, state_dirs};
+use crate::logfmt::escape_controls;
 use crate::stats::{rss_bytes, Phase, Stats};
 
 const SOCKET_NAME: &str = "bpg-tunnel.sock";
@@ -242,12 +243,12 @@ pub fn run(settings: &StatusSettings) -> ExitCode {
         } else if !silent.is_empty() {
             println!(
                 "a bpg-tunnel socket is there, but nothing answered on it ({}); is `status` run as the user the tunnel runs as?",
-                silent.join("; ")
+                escape_controls(&silent.join("; "))
             );
         } else {
             println!(
                 "no bpg-tunnel is running here (looked for {SOCKET_NAME} in {})",
-                looked.join(", ")
+                escape_controls(&looked.join(", "))
             );
         }
         return ExitCode::from(NOT_RUNNING);
@@ -294,13 +295,15 @@ fn ask(path: &Path) -> Asked {
     }
 }
 
-/// The answer for people: a head line, then a few lines per add-on.
+/// The answer for people: a head line, then a few lines per add-on. Every string in it is shown
+/// escaped: an error's text is what the server said (an SSH disconnect message, an API's
+/// answer), and names and addresses come from the environment.
 fn human(answer: &Value) -> String {
     let mut out = format!(
         "bpg-tunnel {} (pid {}), {}, running for {}, memory {}\n",
-        answer["version"].as_str().unwrap_or("?"),
+        shown(&answer["version"]),
         answer["pid"],
-        answer["phase"].as_str().unwrap_or("?"),
+        shown(&answer["phase"]),
         ago(answer["uptime_s"].as_u64().unwrap_or(0)),
         answer["rss_bytes"]
             .as_u64()
@@ -313,14 +316,14 @@ fn human(answer: &Value) -> String {
         let up = session["up"].as_bool().unwrap_or(false);
         let since = session["since"]
             .as_str()
-            .map(|at| format!(" since {at}{}", since_ago(at, now)))
+            .map(|at| format!(" since {}{}", escape_controls(at), since_ago(at, now)))
             .unwrap_or_default();
         out += &format!(
             "{} {}: SSH session {}{since}, server {}\n",
             if up { "✓" } else { "✗" },
-            addon["addon"].as_str().unwrap_or("?"),
+            shown(&addon["addon"]),
             if up { "up" } else { "down" },
-            addon["server"].as_str().unwrap_or("?"),
+            shown(&addon["server"]),
         );
         let c = &addon["connections"];
         out += &format!(
@@ -338,7 +341,7 @@ fn human(answer: &Value) -> String {
         out += &format!(
             "{} {}: {}",
             if registered { "✓" } else { "✗" },
-            registration["addon"].as_str().unwrap_or("?"),
+            shown(&registration["addon"]),
             if registered {
                 "registered"
             } else {
@@ -346,10 +349,10 @@ fn human(answer: &Value) -> String {
             },
         );
         if let Some(renewed) = registration["last_renewed"].as_str() {
-            out += &format!(", renewed {renewed}");
+            out += &format!(", renewed {}", escape_controls(renewed));
         }
         if let Some(expires) = registration["expires_at"].as_str() {
-            out += &format!(", expires {expires} unless renewed");
+            out += &format!(", expires {} unless renewed", escape_controls(expires));
         }
         out += "\n";
         out += &last_error(&registration["last_error"]);
@@ -367,11 +370,16 @@ fn last_error(error: &Value) -> String {
     match error.as_object() {
         Some(error) => format!(
             "    last error ({}): {}\n",
-            error["at"].as_str().unwrap_or("?"),
-            error["error"].as_str().unwrap_or("?")
+            shown(&error["at"]),
+            shown(&error["error"])
         ),
         None => String::new(),
     }
+}
+
+/// A string of the answer as people see it: escaped, or `?` when it is missing.
+fn shown(value: &Value) -> String {
+    value.as_str().map_or_else(|| "?".into(), escape_controls)
 }
 
 /// ` (5m 3s ago)`, when `at` can be read.
@@ -414,5 +422,43 @@ mod tests {
         assert!(text.contains("✓ DATABASE: SSH session up since "), "{text}");
         assert!(text.contains("reconnects: 1"), "{text}");
         assert!(text.ends_with("\neverything is up\n"), "{text}");
+    }
+
+    #[test]
+    fn what_a_server_or_the_environment_said_is_shown_escaped() {
+        // The add-on's name and server come from the environment, the error from the server.
+        let stats = Stats::new(
+            &[(
+                "DATABASE\x1b]0;owned\x07".into(),
+                "ssh.example:22\r\n✓ ok".into(),
+            )],
+            &[],
+        );
+        stats.advance(Phase::Serving);
+        let addon = stats.addons()[0].clone();
+        addon.session_down("bye\x1b[2J\r\n✓ DATABASE: SSH session up\n".into());
+        let text = human(&snapshot(&stats));
+        assert!(
+            !text.contains(['\x1b', '\r', '\x07']),
+            "raw control characters: {text:?}"
+        );
+        assert!(
+            text.contains(r"last error (")
+                && text.contains(r"): bye\u{1b}[2J\u{d}\n✓ DATABASE: SSH session up\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r"✗ DATABASE\u{1b}]0;owned\u{7}: SSH session down"),
+            "{text}"
+        );
+        assert!(text.contains(r"server ssh.example:22\u{d}\n✓ ok"), "{text}");
+        // One line each for the head, the add-on, its connections, its bytes, its last error,
+        // and the verdict: none forged.
+        assert_eq!(text.lines().count(), 6, "{text}");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with('✓')).count(),
+            0,
+            "{text}"
+        );
     }
 }

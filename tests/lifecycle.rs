@@ -470,6 +470,60 @@ fn an_unwritable_home_still_gives_one_daemon_that_stop_finds() {
 }
 
 #[test]
+fn a_symlink_planted_in_place_of_the_state_dir_is_never_followed() {
+    let Some(lab) = support::lab() else { return };
+    // A directory of root's (the tests' user), holding files named as the daemon's.
+    let victim = tempfile::tempdir().unwrap();
+    let victim_files = [
+        ("bpg-tunnel.pid", "the victim's pid file\n"),
+        ("bpg-tunnel.sock", "the victim's socket\n"),
+    ];
+    for (name, content) in victim_files {
+        std::fs::write(victim.path().join(name), content).unwrap();
+    }
+    // Where the daemon's own place under the temporary directory would be, another user
+    // planted a link to it.
+    let tmp = tempfile::tempdir().unwrap();
+    let uid = unsafe { libc::geteuid() };
+    let planted = tmp.path().join(format!("borealis-pg-{uid}"));
+    std::os::unix::fs::symlink(victim.path(), &planted).unwrap();
+    let (mut vars, _) = dyno_vars(&lab, &tmp);
+    vars.remove("BPG_TUNNEL_STATE_DIR");
+    vars.insert("HOME".into(), "/proc/no-such-home".into());
+    vars.insert("TMPDIR".into(), tmp.path().display().to_string());
+    vars.insert("BPG_TUNNEL_GRACE".into(), "1s".into());
+    let mut dyno = Tunnel::bash(
+        vars.iter(),
+        r#"bpg-tunnel start --owner-pid $$; psql "$APP_URL" -XAtc "select 'served'""#,
+    );
+    dyno.wait_exit(T).unwrap();
+    // The daemon follows its owner out: whatever it removes on the way is gone by now.
+    dyno.wait_for(&["event=stopped"], T);
+    let out = dyno.lines().join("\n");
+    assert!(dyno.lines().iter().any(|l| l == "served"), "{out}");
+
+    let mut left: Vec<String> = std::fs::read_dir(victim.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["bpg-tunnel.pid", "bpg-tunnel.sock"], "{out}");
+    for (name, content) in victim_files {
+        let now = std::fs::read_to_string(victim.path().join(name));
+        assert_eq!(now.ok().as_deref(), Some(content), "{name}:\n{out}");
+    }
+    assert!(std::fs::symlink_metadata(&planted)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // Serving goes on without a pid file or status socket, saying why.
+    let refused = dyno.wait_for(&["event=pidfile-failed", &planted.display().to_string()], T);
+    assert!(refused.contains("symbolic link"), "{refused}");
+    let refused = dyno.wait_for(&["event=status-socket-failed"], T);
+    assert!(refused.contains("symbolic link"), "{refused}");
+}
+
+#[test]
 fn runs_command_gets_the_core_limits_run_was_started_with() {
     let Some(_lab) = support::lab() else { return };
     let script = r#"ulimit -S -c 1024 2>/dev/null; echo "outer=$(ulimit -S -c)/$(ulimit -H -c)"; exec bpg-tunnel run -- bash -c 'echo "inner=$(ulimit -S -c)/$(ulimit -H -c)"'"#;

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{connect, field, status, status_json, Tunnel, DB_PASSWORD};
+use support::{connect, field, status, status_json, KeyKind, Tunnel, DB_PASSWORD};
 
 const START: Duration = Duration::from_secs(20);
 
@@ -305,7 +305,7 @@ async fn the_health_endpoint_answers_probes_and_its_metrics_match_status() {
     assert_eq!(get(port, "/startup").await.0, 200);
     assert_eq!(get(port, "/liveness").await.0, 200);
     let (code, _, body) = get(port, "/readiness").await;
-    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    assert_eq!((code, body.as_str()), (200, "ready\nDATABASE: up\n"));
     assert_eq!(get(port, "/nothing-here").await.0, 404);
 
     workload(db.writer_port, 4, "select repeat('y', 50000)").await;
@@ -334,7 +334,7 @@ async fn the_health_endpoint_answers_probes_and_its_metrics_match_status() {
     assert!(sample(&text, "bpg_tunnel_bytes_down_total") >= 200_000);
     assert!(text.contains("\nbpg_tunnel_memory_rss_bytes "), "{text}");
 
-    // The server goes away: not ready, and the body says which add-on and why.
+    // The server goes away: not ready, and the body says which add-on (why is for `status`).
     lab.sshd.stop();
     let deadline = Instant::now() + START;
     let body = loop {
@@ -345,9 +345,73 @@ async fn the_health_endpoint_answers_probes_and_its_metrics_match_status() {
         assert!(Instant::now() < deadline, "readiness stayed {code}: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(body.starts_with("DATABASE: SSH session down"), "{body}");
+    assert_eq!(body, "not ready\nDATABASE: down\n");
     assert_eq!(get(port, "/liveness").await.0, 200);
     assert_no_secret(&lab, &body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_says_each_addons_state_and_never_the_user_the_server_or_the_host_keys() {
+    let Some(lab) = support::lab() else { return };
+    let db = lab.attachment("DATABASE");
+    let mut impostor = lab.attachment("IMPOSTOR");
+    let wrong_key = lab.sshd.new_client_key(KeyKind::Ed25519);
+    impostor.set_conn_info("SSH_PUBLIC_HOST_KEY", &wrong_key.public);
+    let mut stranger = lab.attachment("STRANGER");
+    stranger.set_conn_info("SSH_USERNAME", "stranger-user");
+    let state = tempfile::tempdir().unwrap();
+    let mut vars = dyno_vars(&db, state.path());
+    vars.extend(impostor.vars);
+    vars.extend(stranger.vars);
+    let port = support::free_port();
+    vars.insert("BPG_TUNNEL_HEALTH_ADDR".into(), format!("127.0.0.1:{port}"));
+    vars.insert("BPG_TUNNEL_READY_TIMEOUT".into(), "1s".into());
+    let _tunnel = Tunnel::spawn(&vars, &[]);
+
+    // Serving, with both refusals made; `status` (for the dyno's own user) says why.
+    let deadline = Instant::now() + START;
+    let why = loop {
+        let (_, json) = status_json(state.path());
+        let errors: Vec<&str> = json["addons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|addon| addon["session"]["last_error"]["error"].as_str())
+            .collect();
+        if json["phase"] == "serving" && errors.len() == 2 {
+            break errors.join("\n");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never got there: {json:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        why.contains("SHA256:") && why.contains("stranger-user"),
+        "{why}"
+    );
+
+    let (code, _, body) = get(port, "/readiness").await;
+    assert_eq!(code, 503, "{body}");
+    let server = format!("127.0.0.1:{}", lab.sshd.port);
+    for told in [
+        "SHA256:",
+        "stranger-user",
+        &lab.sshd.user,
+        &server,
+        "127.0.0.1",
+    ] {
+        assert!(!body.contains(told), "readiness tells {told:?}: {body}");
+    }
+    let mut lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.remove(0), "not ready", "{body}");
+    lines.sort_unstable();
+    assert_eq!(
+        lines,
+        ["DATABASE: up", "IMPOSTOR: down", "STRANGER: down"],
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

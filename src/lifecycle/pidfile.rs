@@ -4,9 +4,9 @@
 //!
 //! It lives in the first usable place of a fixed order (see [`candidates`]), and `start` and
 //! `stop` look in all of them, so a read-only `$HOME` neither loses the daemon nor lets a second
-//! one start. A place is usable only in a directory no other user can write to, and the file is
-//! never opened through a symbolic link: a pid file under a shared temporary directory cannot be
-//! turned against another file.
+//! one start. A place is usable only in a directory no other user can write to, and neither the
+//! directory nor the file is ever reached through a symbolic link: a pid file under a shared
+//! temporary directory cannot be turned against another file or directory.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -136,6 +136,54 @@ pub fn acquire(paths: &[PathBuf]) -> Acquired {
     Acquired::Failed(failures)
 }
 
+/// How many times a pid file that was replaced between opening and locking is opened again: each
+/// time means another daemon stopped just then, which does not happen over and over.
+const LOCK_ATTEMPTS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{} was removed or replaced each time it was locked ({LOCK_ATTEMPTS} times): other bpg-tunnel daemons are starting and stopping there; run `bpg-tunnel start` again once they have", path.display())]
+struct KeptReplaced {
+    path: PathBuf,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Runs once between opening the pid file and locking it, where another daemon's exit may
+    /// unlink it.
+    static BETWEEN_OPEN_AND_LOCK: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// `false` when another live daemon holds `file`'s lock.
+fn lock_exclusive(file: &File) -> std::io::Result<bool> {
+    // A `start` or `stop` looking for a daemon holds a shared lock for an instant: only a lock
+    // still held after a while is another daemon's.
+    let mut tries = 0;
+    // SAFETY: flock on a descriptor we own.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(error);
+        }
+        tries += 1;
+        if tries == 10 {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(true)
+}
+
+/// Whether `file` is the file at `path` (not one unlinked or replaced since it was opened).
+fn is_at(file: &File, path: &Path) -> std::io::Result<bool> {
+    let open = file.metadata()?;
+    match std::fs::symlink_metadata(path) {
+        Ok(there) => Ok((there.dev(), there.ino()) == (open.dev(), open.ino())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
 /// The daemon's locked pid file; removed when dropped.
 pub struct PidFile {
     file: File,
@@ -148,33 +196,36 @@ impl PidFile {
         if let Some(dir) = path.parent() {
             private_dir(dir)?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)?;
-        // A `start` or `stop` looking for a daemon holds a shared lock for an instant: only a
-        // lock still held after a while is another daemon's.
-        let mut tries = 0;
-        // SAFETY: flock on a descriptor we own.
-        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() != std::io::ErrorKind::WouldBlock {
-                return Err(error);
+        for _ in 0..LOCK_ATTEMPTS {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)?;
+            #[cfg(test)]
+            if let Some(hook) = BETWEEN_OPEN_AND_LOCK.take() {
+                hook();
             }
-            tries += 1;
-            if tries == 10 {
+            if !lock_exclusive(&file)? {
                 return Ok(None);
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            // A daemon that stops unlinks its file while still holding the lock, so what was
+            // opened just before may be that file, now nameless: a lock on it would hide this
+            // daemon from `start`, `stop` and `status`. Only the file still at the path counts.
+            if !is_at(&file, path)? {
+                continue;
+            }
+            file.set_len(0)?;
+            (&file).write_all(format!("{}\n", std::process::id()).as_bytes())?;
+            return Ok(Some(PidFile {
+                file,
+                path: path.to_owned(),
+            }));
         }
-        file.set_len(0)?;
-        (&file).write_all(format!("{}\n", std::process::id()).as_bytes())?;
-        Ok(Some(PidFile {
-            file,
+        Err(std::io::Error::other(KeptReplaced {
             path: path.to_owned(),
         }))
     }
@@ -187,17 +238,43 @@ impl PidFile {
 
 /// Creates `dir` (owner only) if it is missing, and checks it as [`check_private`] does.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+    // Whatever is there already (a symbolic link included) is judged below, never created
+    // through.
+    let missing = std::fs::symlink_metadata(dir)
+        .is_err_and(|error| error.kind() == std::io::ErrorKind::NotFound);
+    if missing {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
     check_private(dir)
 }
 
+/// Why a state directory is not used.
+#[derive(Debug, thiserror::Error)]
+pub enum NotPrivate {
+    #[error("{} is a symbolic link, which is never followed (another user may have planted it): remove it, or name the directory itself", dir.display())]
+    Symlink { dir: PathBuf },
+    #[error("expected a directory of this user's that no other user can write to")]
+    OpenToOthers,
+}
+
 /// Refuses a directory another user could write to (or one owned by another user who is not
-/// root): they could replace the pid file, or plant one that points `stop` elsewhere.
+/// root): they could replace the pid file, or plant one that points `stop` elsewhere. Refuses a
+/// symbolic link too, whatever it points to: in a shared temporary directory anyone can plant
+/// one where ours would be, aimed at a directory of root's, for a root daemon to create and
+/// remove its files in.
 pub fn check_private(dir: &Path) -> std::io::Result<()> {
-    let meta = std::fs::metadata(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            NotPrivate::Symlink {
+                dir: dir.to_owned(),
+            },
+        ));
+    }
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     let others_write = meta.mode() & 0o002 != 0;
@@ -206,7 +283,7 @@ pub fn check_private(dir: &Path) -> std::io::Result<()> {
     if !meta.is_dir() || others_write || !owner_ok {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
-            "expected a directory of this user's that no other user can write to",
+            NotPrivate::OpenToOthers,
         ));
     }
     Ok(())
@@ -214,7 +291,9 @@ pub fn check_private(dir: &Path) -> std::io::Result<()> {
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        // Removed while still locked, so no newcomer can lock the old file and lose it to us.
+        // Removed while still locked, so that the file at the path is never one we have let go
+        // of; a newcomer that opened it just before and locks it just after sees it gone from
+        // the path, and opens the path again.
         let _ = std::fs::remove_file(&self.path);
         let _ = self.file.sync_all();
     }
@@ -302,6 +381,62 @@ mod tests {
             Acquired::Failed(_)
         ));
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_the_directory_is_refused_and_the_next_place_used() {
+        // A directory of root's (or of this user's) that someone else aimed a link at.
+        let victim = private_dir();
+        std::fs::write(victim.path().join(FILE_NAME), "victim\n").unwrap();
+        let shared = private_dir();
+        let planted = shared.path().join("borealis-pg-0");
+        std::os::unix::fs::symlink(victim.path(), &planted).unwrap();
+        let private = private_dir();
+        let paths = [planted.join(FILE_NAME), private.path().join(FILE_NAME)];
+        let Acquired::Held(held) = acquire(&paths) else {
+            panic!("not acquired")
+        };
+        assert_eq!(held.path(), paths[1]);
+        drop(held);
+        let error = check_private(&planted).unwrap_err();
+        assert!(error.to_string().contains("symbolic link"), "{error}");
+        assert!(super::private_dir(&planted).is_err());
+        assert!(std::fs::symlink_metadata(&planted)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        let left: Vec<_> = std::fs::read_dir(victim.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [FILE_NAME]);
+        assert_eq!(
+            std::fs::read_to_string(victim.path().join(FILE_NAME)).unwrap(),
+            "victim\n"
+        );
+    }
+
+    #[test]
+    fn a_file_unlinked_between_opening_and_locking_is_not_the_one_kept() {
+        let dir = private_dir();
+        let path = dir.path().join(FILE_NAME);
+        // The daemon before this one, still holding its file.
+        let old = PidFile::acquire(&path)
+            .unwrap()
+            .expect("the old daemon's lock");
+        // It stops (unlinking its file, then letting go of the lock) just after the newcomer
+        // opened that file, and before the newcomer locks it.
+        BETWEEN_OPEN_AND_LOCK.set(Some(Box::new(move || drop(old))));
+        let new = PidFile::acquire(&path)
+            .unwrap()
+            .expect("the newcomer's lock");
+        let held = new.file.metadata().unwrap();
+        let there =
+            std::fs::symlink_metadata(&path).expect("the newcomer's pid file is at the path");
+        assert_eq!((held.dev(), held.ino()), (there.dev(), there.ino()));
+        let me = std::process::id() as i32;
+        let found = running_daemon(std::slice::from_ref(&path));
+        assert_eq!(found.map(|found| found.pid), Some(Some(me)));
     }
 
     #[test]
