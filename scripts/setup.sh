@@ -2,8 +2,9 @@
 # Installs what the tests and the demo need, and nothing when it is already there:
 # OpenSSH's sshd, ssh and ssh-keygen, autossh, PostgreSQL's server binaries, psql and pgbench,
 # nftables, iproute2's ss, strace;
-# then the toolchain and targets of the release build (scripts/toolchain.sh), and the patched
-# russh the build needs (scripts/patch-russh.sh).
+# then the toolchain and targets of the release build (scripts/toolchain.sh), the patched
+# russh the build needs (scripts/patch-russh.sh), and cargo-deny, which checks the dependency
+# tree's licenses, sources and bans (deny.toml).
 set -euo pipefail
 
 need=()
@@ -33,3 +34,13 @@ fi
 # Debian's postgresql package starts a cluster of its own; the lab starts private ones instead.
 "$(dirname "$0")/toolchain.sh"
 "$(dirname "$0")/patch-russh.sh"
+
+# Pinned, and built from its own lock file, so that a new release of it cannot fail a run;
+# kept under target/ like the script linters, and built only when that version is not there.
+cargo_deny_version=0.20.2
+cargo_deny="$(dirname "$0")/../target/tools/bin/cargo-deny"
+if [ "$("$cargo_deny" --version 2>/dev/null)" != "cargo-deny $cargo_deny_version" ]; then
+  echo "-----> installing cargo-deny $cargo_deny_version in target/tools"
+  cargo install --quiet --locked cargo-deny --version "$cargo_deny_version" \
+    --root "$(dirname "$0")/../target/tools"
+fi

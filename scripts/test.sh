@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, lints (the code, and the release workflow), our russh patch (it still applies to the pinned release;
+# Runs every test: formatting, lints (the code, and the release workflow), the dependency
+# tree's licenses, sources and duplicates (cargo-deny, deny.toml), our russh patch (it still applies to the pinned release;
 # russh's own tests and the patch's pass), unit and property tests, and the end-to-end tests
 # against a real OpenSSH sshd and PostgreSQL (started on loopback by the test harness), first
 # with the debug build, then with the static release binaries (x86_64, and aarch64 under qemu)
@@ -12,6 +13,9 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo clippy --all-targets --locked --features test-api-ca -- -D warnings
 scripts/lint-scripts.sh
+# Without the advisories check, which needs a database fetched from GitHub (deny.toml). The
+# inclusion graphs are left out of the output: `cargo tree -i CRATE` draws one when needed.
+target/tools/bin/cargo-deny --locked check --hide-inclusion-graph bans licenses sources
 echo "-----> the x86_64 release, built here and again from another directory: the same bytes?"
 scripts/reproducible.sh --target x86_64-unknown-linux-musl
 # Both targets and the buildpack holding them.

@@ -10,7 +10,7 @@
 //! and database names, never a value that may hold a secret. The PostgreSQL step sends only an
 //! `SSLRequest`, which a server answers before any credentials, and closes: nothing in the
 //! server's log. Only `--login` reads a password, from the URL variable, at the moment it logs
-//! in.
+//! in; it uses TLS as the URL's `sslmode` says, as the app's client does ([`crate::pg_tls`]).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -19,15 +19,12 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::db_url::{self, Login};
+use crate::config::db_url::{self, Login, SslMode};
 use crate::config::{self, Addon, Forward, PrivateApp, Severity};
 use crate::dyno::Dyno;
+use crate::pg_tls::{self, Plan, RootCert, Tls, TlsSetupError, Verify, SSL_REQUEST};
 use crate::private_app::{ApiError, Registration, RegistrationSettings};
 use crate::ssh::{ChannelError, Session, SessionError, SessionSettings};
-
-/// `SSLRequest`: length 8, then the code 1234 5679. Every PostgreSQL since 7.0 answers it with
-/// one byte, `S` or `N`, before asking for anything.
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// What `check` needs; see [`crate::options::Options`].
 #[derive(Debug, Clone)]
@@ -491,9 +488,61 @@ fn channel_advice(error: &ChannelError, forward: &Forward) -> String {
 /// Why a login did not get its `select 1` answered.
 enum LoginFailure {
     Channel(ChannelError),
+    /// The TLS settings cannot be used (`sslrootcert`, the host to check).
+    TlsSetup(TlsSetupError),
+    /// The TLS request itself failed (before anything else was sent).
+    TlsRequest(std::io::Error),
+    /// The sslmode requires TLS and the server has none: nothing else was sent.
+    NoTls,
+    /// The server agreed to TLS, and the handshake failed (a certificate check among others).
+    Handshake(std::io::Error),
     Postgres(tokio_postgres::Error),
     /// Logged in, but the query's answer was not the one row `1`.
     WrongAnswer,
+}
+
+/// The TLS settings of a login: the URL's, else libpq's environment variables (which the
+/// app's client reads too), else libpq's defaults.
+struct TlsChoice {
+    plan: Plan,
+    /// Where the sslmode came from, to name it in advice: the URL variable or `PGSSLMODE`.
+    mode_from: String,
+}
+
+fn tls_choice(login: &Login, var: &str) -> Result<TlsChoice, String> {
+    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let (mode, mode_from) = match login.sslmode {
+        Some(mode) => (Some(mode), var.to_owned()),
+        None => match env("PGSSLMODE") {
+            Some(value) => match SslMode::parse(&value) {
+                Some(mode) => (Some(mode), "PGSSLMODE".to_owned()),
+                None => return Err("PGSSLMODE is not an sslmode libpq knows; expected disable, allow, prefer, require, verify-ca or verify-full".into()),
+            },
+            None => (None, "libpq's default".to_owned()),
+        },
+    };
+    let root_cert = login
+        .sslrootcert
+        .clone()
+        .or_else(|| env("PGSSLROOTCERT"))
+        .map(|value| RootCert::parse(&value));
+    Ok(TlsChoice {
+        plan: Plan::new(mode, root_cert),
+        mode_from,
+    })
+}
+
+/// What the login's TLS was, for its line: the version agreed, or why there was none.
+fn tls_said(version: Option<&str>, plan: &Plan) -> String {
+    let mode = plan.mode.name();
+    match version {
+        Some(version) => format!("over TLS ({version}, sslmode={mode})"),
+        None if plan.mode == SslMode::Disable => format!("without TLS (sslmode={mode})"),
+        None if plan.mode == SslMode::Allow => {
+            format!("without TLS (sslmode={mode}: TLS only if the server demands it)")
+        }
+        None => format!("without TLS (sslmode={mode}, and the server offers none)"),
+    }
 }
 
 /// What a server's refusal of a login means for the user.
@@ -546,31 +595,90 @@ async fn check_login(
             return false;
         }
     };
+    let choice = match tls_choice(&login, var) {
+        Ok(choice) => choice,
+        Err(problem) => {
+            report.fail(
+                Step::Login,
+                None,
+                format!("{role}: {problem}"),
+                "PGSSLMODE is set in this dyno's environment (`heroku config:get PGSSLMODE`): set it to one of those, or unset it",
+            );
+            return false;
+        }
+    };
+    let plan = &choice.plan;
+    let mode = plan.mode.name();
+    let mode_from = &choice.mode_from;
     let target = config::host_port(&forward.remote_host, forward.remote_port);
     let as_who = format!("as {:?} to {:?}", login.user, login.dbname);
     let started = Instant::now();
-    let result = tokio::time::timeout(limit, log_in(session, forward, &login)).await;
+    let result = tokio::time::timeout(limit, log_in(session, forward, &login, plan)).await;
     let took = Some(started.elapsed());
     let (detail, advice) = match result {
-        Ok(Ok(())) => {
+        Ok(Ok(version)) => {
             report.pass(
                 Step::Login,
                 took,
-                format!("{role}: logged in {as_who}, select 1 answered"),
+                format!(
+                    "{role}: logged in {as_who} {}, select 1 answered",
+                    tls_said(version, plan)
+                ),
             );
             return true;
         }
         Ok(Err(LoginFailure::Channel(error))) => {
             (format!("{role}: {error}"), channel_advice(&error, forward))
         }
+        Ok(Err(LoginFailure::TlsSetup(error))) => (
+            format!("{role}: sslmode={mode} ({mode_from}): {error}"),
+            "sslrootcert (in the URL, or PGSSLROOTCERT) names a file on this dyno: put the CA certificates there (with the app's code, so that its client finds them too), or name the right file".to_owned(),
+        ),
+        Ok(Err(LoginFailure::TlsRequest(error))) => (
+            format!("{role}: the TLS request to {target} failed: {error}"),
+            "the connection broke or something other than PostgreSQL answered: retry; if it persists, contact the add-on's support".to_owned(),
+        ),
+        Ok(Err(LoginFailure::NoTls)) => (
+            format!("{role}: sslmode={mode} ({mode_from}) requires TLS, and the server at {target} offers none: the login was not attempted, so no password was sent"),
+            "the app's client, with the same sslmode, cannot log in either: if the add-on's server should offer TLS, contact the add-on's support; otherwise connect with a weaker sslmode (prefer, libpq's default, uses TLS whenever the server offers it; the SSH tunnel encrypts the way to the server in any case)".to_owned(),
+        ),
+        Ok(Err(LoginFailure::Handshake(error))) => {
+            let advice = match &plan.verify {
+                Verify::Nothing => "the server agreed to TLS but the handshake failed: retry; if it persists, contact the add-on's support".to_owned(),
+                Verify::Chain(roots) | Verify::ChainAndName(roots) => {
+                    let trusted = match roots {
+                        Some(RootCert::File(path)) => format!("the CAs in {path}"),
+                        _ => "the built-in Mozilla roots (no sslrootcert given, or sslrootcert=system)".to_owned(),
+                    };
+                    let issuer = "name the CA that signs it with sslrootcert (the add-on's support can say which)";
+                    let (name, fix) = if matches!(plan.verify, Verify::ChainAndName(_)) {
+                        (
+                            format!(", made out to {:?} (the URL's host)", login.host),
+                            format!("for an unknown issuer, {issuer}; for a wrong name, connect by the name the certificate is for, or use sslmode=verify-ca"),
+                        )
+                    } else {
+                        (String::new(), issuer.to_owned())
+                    };
+                    format!("sslmode={mode} ({mode_from}) wants the server's certificate signed by {trusted}{name}, and a client with the same settings refuses it too: {fix}")
+                }
+            };
+            (
+                format!("{role}: the TLS handshake with {target} failed (sslmode={mode}): {error}"),
+                advice,
+            )
+        }
         Ok(Err(LoginFailure::Postgres(error))) => match error.as_db_error() {
             Some(refused) => {
                 let (sqlstate, message) = (refused.code().code(), refused.message());
                 let dbname = &login.dbname;
                 match refusal(sqlstate, message) {
+                    Refusal::TlsRequired if plan.mode == SslMode::Disable => (
+                        format!("{role}: the server demands TLS for this login {as_who}, and sslmode=disable ({mode_from}) forbids it: {message} (SQLSTATE {sqlstate})"),
+                        format!("the server accepts {:?} only over TLS, and the app's client, with the same sslmode=disable, is refused too: remove sslmode=disable from {mode_from} (prefer, libpq's default, uses TLS whenever the server offers it)", login.user),
+                    ),
                     Refusal::TlsRequired => (
-                        format!("{role}: the server demands TLS for this login {as_who}, and check logs in without TLS: {message} (SQLSTATE {sqlstate})"),
-                        format!("the server accepts {:?} only over TLS, so check cannot test these credentials (the SSH tunnel already encrypts the way): `PGSSLMODE=require psql \"${var}\" -c 'select 1'` tests them; the app, too, must connect with sslmode=require", login.user),
+                        format!("{role}: the server demands TLS for this login {as_who} but offers no TLS (sslmode={mode}): {message} (SQLSTATE {sqlstate})"),
+                        format!("the server accepts {:?} only over TLS and does not offer TLS, so no client can log in: contact the add-on's support", login.user),
                     ),
                     Refusal::Credentials => (
                         format!("{role}: the server refused the login {as_who}: {message} (SQLSTATE {sqlstate})"),
@@ -605,24 +713,100 @@ async fn check_login(
     false
 }
 
-/// The login itself, over a `direct-tcpip` channel of its own through `session`.
-async fn log_in(session: &Session, forward: &Forward, login: &Login) -> Result<(), LoginFailure> {
+/// The login itself, with TLS as `plan` says; the TLS version, if it was used.
+async fn log_in(
+    session: &Session,
+    forward: &Forward,
+    login: &Login,
+    plan: &Plan,
+) -> Result<Option<&'static str>, LoginFailure> {
+    // Never needed under `disable`, so a bad sslrootcert is no reason to fail there (libpq
+    // does not read it either).
+    let tls = match plan.mode {
+        SslMode::Disable => None,
+        _ => Some(Tls::new(&plan.verify, &login.host).map_err(LoginFailure::TlsSetup)?),
+    };
+    let mut config = tokio_postgres::Config::new();
+    config
+        .user(&login.user)
+        .dbname(&login.dbname)
+        .application_name("bpg-tunnel check")
+        // TLS, when there is any, is set up underneath (`attempt`): tokio-postgres is handed
+        // the stream to log in over, as is.
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    if !login.password.is_empty() {
+        config.password(login.password.expose());
+    }
+    let first = attempt(
+        session,
+        forward,
+        &config,
+        plan,
+        tls.as_ref(),
+        plan.ask_first,
+    )
+    .await;
+    match (first, tls.as_ref()) {
+        // libpq's `allow`: without TLS first, and over TLS again if the server demands it.
+        (Err(LoginFailure::Postgres(error)), Some(tls))
+            if plan.retries_with_tls() && demands_tls(&error) =>
+        {
+            attempt(session, forward, &config, plan, Some(tls), true).await
+        }
+        (first, _) => first,
+    }
+}
+
+fn demands_tls(error: &tokio_postgres::Error) -> bool {
+    error
+        .as_db_error()
+        .is_some_and(|db| refusal(db.code().code(), db.message()) == Refusal::TlsRequired)
+}
+
+/// One login over a `direct-tcpip` channel of its own through `session`, asking for TLS first
+/// when `ask_tls`.
+async fn attempt(
+    session: &Session,
+    forward: &Forward,
+    config: &tokio_postgres::Config,
+    plan: &Plan,
+    tls: Option<&Tls>,
+    ask_tls: bool,
+) -> Result<Option<&'static str>, LoginFailure> {
     let originator = SocketAddr::from(([127, 0, 0, 1], 0));
     let channel = session
         .open_direct_tcpip(&forward.remote_host, forward.remote_port, originator)
         .await
         .map_err(LoginFailure::Channel)?;
-    let mut config = tokio_postgres::Config::new();
-    config
-        .user(&login.user)
-        .dbname(&login.dbname)
-        .application_name("bpg-tunnel check");
-    if !login.password.is_empty() {
-        config.password(login.password.expose());
+    let mut stream = channel.into_stream();
+    if let (true, Some(tls)) = (ask_tls, tls) {
+        let offered = pg_tls::request_tls(&mut stream)
+            .await
+            .map_err(LoginFailure::TlsRequest)?;
+        if offered {
+            let (stream, version) = tls
+                .handshake(stream)
+                .await
+                .map_err(LoginFailure::Handshake)?;
+            select_one(stream, config).await?;
+            return Ok(Some(version));
+        }
+        // The channel is dropped unused: the server sees the connection end after its `N`.
+        if !plan.plain_allowed {
+            return Err(LoginFailure::NoTls);
+        }
     }
-    // No TLS: the SSH session already encrypts the way, as it does for the app's connections.
+    select_one(stream, config).await?;
+    Ok(None)
+}
+
+/// The startup, the authentication and `select 1`, over `stream` as it is.
+async fn select_one<S>(stream: S, config: &tokio_postgres::Config) -> Result<(), LoginFailure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let (client, connection) = config
-        .connect_raw(channel.into_stream(), tokio_postgres::NoTls)
+        .connect_raw(stream, tokio_postgres::NoTls)
         .await
         .map_err(LoginFailure::Postgres)?;
     // The connection does the I/O; once the query is answered the client is dropped, and the

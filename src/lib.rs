@@ -11,7 +11,7 @@
 //! - `forwarder`: the 127.0.0.1 listeners and the per-connection copy over SSH channels.
 //! - `private_app`: private-app-tunnel mode: the dyno's registration with the add-on's API.
 //! - [`check`]: `bpg-tunnel check`, which walks each add-on's path step by step and says what
-//!   is wrong.
+//!   is wrong; `pg_tls`: its login's TLS, as the URL's `sslmode` asks.
 //! - `stats`: what the tunnels count and how they are, read by the three below.
 //! - [`status`]: the status socket the engine serves and `bpg-tunnel status`, which asks it.
 //! - `metrics`: a metrics line per add-on in l2met form, at an interval.
@@ -33,6 +33,7 @@ pub mod lifecycle;
 pub mod logfmt;
 mod metrics;
 pub mod options;
+mod pg_tls;
 mod private_app;
 mod ssh;
 mod stats;

@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use support::{check, Checked, KeyKind, Tunnel};
+use support::{check, Checked, KeyKind, ServerTls, Tunnel};
 
 /// The lab's secrets, none of which may appear in anything `check` prints.
 fn assert_no_secret(lab: &support::Lab, checked: &Checked) {
@@ -110,7 +110,7 @@ fn login_logs_in_to_writer_and_reader_with_the_urls_credentials() {
     for (line, role) in logins.iter().zip(["writer", "reader"]) {
         assert!(
             line.contains(&format!(
-                "{role}: logged in as \"postgres\" to \"postgres\", select 1 answered ("
+                "{role}: logged in as \"postgres\" to \"postgres\" without TLS (sslmode=prefer, and the server offers none), select 1 answered ("
             )),
             "{line}"
         );
@@ -168,23 +168,237 @@ fn a_database_that_does_not_exist_fails_at_login_naming_it() {
     assert_no_secret(&lab, &checked);
 }
 
+/// The attachment with `query` (`sslmode=…`) added to both of its URLs.
+fn with_query(lab: &support::Lab, query: &str) -> support::Attachment {
+    let mut db = lab.attachment("DATABASE");
+    for var in ["DATABASE_URL", "DATABASE_READONLY_URL"] {
+        let url = format!("{}?{query}", db.vars[var]);
+        db.set(var, url);
+    }
+    db
+}
+
+/// `pg_hba.conf` for a server that admits the lab's user over TCP only with TLS, as the
+/// add-on's may.
+const TLS_ONLY: &[&str] = &[
+    "hostssl all all 127.0.0.0/8 scram-sha-256",
+    "hostnossl all all 127.0.0.0/8 reject",
+];
+
+/// Each `✓ login` line of a report.
+fn logins(checked: &Checked) -> Vec<&str> {
+    checked
+        .stdout
+        .lines()
+        .filter(|line| line.contains("✓ login"))
+        .collect()
+}
+
+/// The server's log lines of the check's logins that it admitted over TLS.
+fn tls_logins(log: &str) -> usize {
+    log.lines()
+        .filter(|line| {
+            line.contains("connection authorized: user=postgres")
+                && line.contains("application_name=bpg-tunnel check")
+                && line.contains("SSL enabled (protocol=TLSv1.3")
+        })
+        .count()
+}
+
 #[test]
-fn a_server_that_demands_tls_fails_at_login_saying_so() {
-    let Some(lab) = support::lab() else { return };
-    lab.pg.require_tls();
-    let db = lab.attachment("DATABASE");
-    let checked = check(&db.vars, &["--login"]);
+fn sslmode_require_logs_in_over_tls_and_says_so() {
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    lab.pg.configure(&ServerTls {
+        ssl: true,
+        names: &["localhost"],
+        hba: &["host all all 127.0.0.0/8 scram-sha-256"],
+    });
+    let checked = check(&with_query(&lab, "sslmode=require").vars, &["--login"]);
+    assert_eq!(checked.code, 0);
+    assert_eq!(checked.steps(), EVERY_STEP_WITH_LOGIN);
+    // The certificate (self-made, for another name) is not checked under require, as libpq.
+    for (line, role) in logins(&checked).iter().zip(["writer", "reader"]) {
+        assert!(
+            line.contains(&format!("{role}: logged in as \"postgres\" to \"postgres\" over TLS (TLSv1.3, sslmode=require), select 1 answered")),
+            "{line}"
+        );
+    }
+    let log = lab.pg.log();
+    assert_eq!(tls_logins(&log), 2, "{log}");
+    assert_no_secret(&lab, &checked);
+}
+
+#[test]
+fn sslmode_require_against_a_server_without_tls_fails_before_the_password_is_asked_for() {
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    // `password`: had check gone on without TLS, the server would have asked for the password
+    // in clear, and logged the login.
+    lab.pg.configure(&ServerTls {
+        ssl: false,
+        names: &[],
+        hba: &["host all all 127.0.0.0/8 password"],
+    });
+    // What the restart's wait for the port left is not the check's.
+    let before = lab.pg.log().len();
+    let checked = check(&with_query(&lab, "sslmode=require").vars, &["--login"]);
+    assert_eq!(checked.code, 1);
+    assert_eq!(checked.steps(), EVERY_STEP_WITH_LOGIN[..9]);
+    assert!(checked
+        .line("✓", "postgres")
+        .contains("writer: PostgreSQL answered (no TLS)"));
+    let line = checked.line("✗", "login");
+    assert!(line.contains(&format!("writer: sslmode=require (DATABASE_URL) requires TLS, and the server at 127.0.0.1:{} offers none: the login was not attempted, so no password was sent", lab.pg.port)), "{line}");
+    assert!(checked
+        .stdout
+        .contains("what to do: the app's client, with the same sslmode, cannot log in either"));
+    // The check's two connections (the postgres step's and the login's) reached the server,
+    // and neither got as far as a user name.
+    let log = lab.pg.log().split_off(before);
+    assert_eq!(log.matches("connection received").count(), 2, "{log}");
+    for never in [
+        "connection authorized",
+        "authenticat",
+        "password",
+        "user=postgres",
+    ] {
+        assert!(
+            !log.contains(never),
+            "{never:?} in the server's log:\n{log}"
+        );
+    }
+    assert_no_secret(&lab, &checked);
+}
+
+#[test]
+fn a_user_admitted_only_over_tls_is_logged_in_over_tls_by_default_and_with_allow() {
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    lab.pg.configure(&ServerTls {
+        ssl: true,
+        names: &["localhost"],
+        hba: TLS_ONLY,
+    });
+    // No sslmode: libpq's prefer, TLS since the server offers it.
+    let checked = check(&lab.attachment("DATABASE").vars, &["--login"]);
+    assert_eq!(checked.code, 0);
+    assert!(checked
+        .line("✓", "postgres")
+        .contains("writer: PostgreSQL answered (TLS offered)"));
+    for (line, role) in logins(&checked).iter().zip(["writer", "reader"]) {
+        assert!(
+            line.contains(&format!("{role}: logged in as \"postgres\" to \"postgres\" over TLS (TLSv1.3, sslmode=prefer), select 1 answered")),
+            "{line}"
+        );
+    }
+    assert_eq!(tls_logins(&lab.pg.log()), 2);
+    assert_no_secret(&lab, &checked);
+    // allow: without TLS first, refused, then over TLS.
+    let checked = check(&with_query(&lab, "sslmode=allow").vars, &["--login"]);
+    assert_eq!(checked.code, 0);
+    for line in logins(&checked) {
+        assert!(line.contains("over TLS (TLSv1.3, sslmode=allow)"), "{line}");
+    }
+    let log = lab.pg.log();
+    assert_eq!(tls_logins(&log), 4, "{log}");
+    assert_no_secret(&lab, &checked);
+}
+
+#[test]
+fn sslmode_disable_for_a_user_admitted_only_over_tls_fails_at_login_saying_so() {
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    lab.pg.configure(&ServerTls {
+        ssl: true,
+        names: &["localhost"],
+        hba: TLS_ONLY,
+    });
+    let checked = check(&with_query(&lab, "sslmode=disable").vars, &["--login"]);
     assert_eq!(checked.code, 1);
     assert!(checked
         .line("✓", "postgres")
         .contains("writer: PostgreSQL answered (TLS offered)"));
     let line = checked.line("✗", "login");
     assert!(
-        line.contains("writer: the server demands TLS for this login"),
+        line.contains("writer: the server demands TLS for this login as \"postgres\" to \"postgres\", and sslmode=disable (DATABASE_URL) forbids it: "),
         "{line}"
     );
-    assert!(line.contains("no encryption"), "{line}");
-    assert!(checked.stdout.contains("PGSSLMODE=require psql"));
+    assert!(line.contains("no encryption (SQLSTATE 28000)"), "{line}");
+    assert!(checked.stdout.contains(
+        "what to do: the server accepts \"postgres\" only over TLS, and the app's client, with the same sslmode=disable, is refused too: remove sslmode=disable from DATABASE_URL"
+    ));
+    assert_eq!(tls_logins(&lab.pg.log()), 0);
+    assert_no_secret(&lab, &checked);
+}
+
+#[test]
+fn verify_ca_checks_the_chain_and_verify_full_the_urls_host_too() {
+    let Some(mut lab) = support::lab() else {
+        return;
+    };
+    let ca = lab
+        .pg
+        .configure(&ServerTls {
+            ssl: true,
+            names: &["pg-tunnel.borealis-data.com"],
+            hba: TLS_ONLY,
+        })
+        .unwrap();
+    let ca = support::percent_encode(&ca.display().to_string());
+    // The reader's URL names the listener by address, which the certificate is not for.
+    let with = |query: &str| {
+        let mut db = with_query(&lab, query);
+        let reader =
+            db.vars["DATABASE_READONLY_URL"].replace("pg-tunnel.borealis-data.com", "127.0.0.1");
+        db.set("DATABASE_READONLY_URL", reader);
+        db
+    };
+
+    let checked = check(
+        &with(&format!("sslmode=verify-ca&sslrootcert={ca}")).vars,
+        &["--login"],
+    );
+    assert_eq!(checked.code, 0);
+    for line in logins(&checked) {
+        assert!(
+            line.contains("over TLS (TLSv1.3, sslmode=verify-ca)"),
+            "{line}"
+        );
+    }
+
+    let checked = check(
+        &with(&format!("sslmode=verify-full&sslrootcert={ca}")).vars,
+        &["--login"],
+    );
+    assert_eq!(checked.code, 1);
+    assert!(checked.line("✓", "login").contains(
+        "writer: logged in as \"postgres\" to \"postgres\" over TLS (TLSv1.3, sslmode=verify-full)"
+    ));
+    let line = checked.line("✗", "login");
+    assert!(
+        line.contains(&format!(
+            "reader: the TLS handshake with 127.0.0.2:{} failed (sslmode=verify-full): ",
+            lab.pg.port
+        )),
+        "{line}"
+    );
+    assert!(line.contains("not valid for name"), "{line}");
+    assert!(checked
+        .stdout
+        .contains("made out to \"127.0.0.1\" (the URL's host)"));
+
+    // No sslrootcert: the built-in roots, which never signed the lab's CA.
+    let checked = check(&with("sslmode=verify-full").vars, &["--login"]);
+    assert_eq!(checked.code, 1);
+    let line = checked.line("✗", "login");
+    assert!(line.contains("writer: the TLS handshake"), "{line}");
+    assert!(line.contains("UnknownIssuer"), "{line}");
+    assert!(checked.stdout.contains("the built-in Mozilla roots"));
     assert_no_secret(&lab, &checked);
 }
 
@@ -255,7 +469,7 @@ fn json_with_login_has_a_login_step_per_forward() {
     assert!(login["detail"]
         .as_str()
         .unwrap()
-        .contains("writer: logged in as \"postgres\" to \"postgres\", select 1 answered"));
+        .contains("writer: logged in as \"postgres\" to \"postgres\" without TLS"));
     assert_no_secret(&lab, &checked);
 }
 

@@ -53,6 +53,50 @@ pub struct Login {
     pub password: Password,
     /// The URL's path, or the user name when it has none (libpq's default).
     pub dbname: String,
+    /// The URL's host as written (a name, or an address without brackets): what a client
+    /// checks the server's certificate against under `sslmode=verify-full`.
+    pub host: String,
+    /// `?sslmode=`, when the URL has one.
+    pub sslmode: Option<SslMode>,
+    /// `?sslrootcert=`, when the URL has one.
+    pub sslrootcert: Option<String>,
+}
+
+/// libpq's `sslmode`: whether a client uses TLS, and how far it checks the server's
+/// certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn parse(value: &str) -> Option<SslMode> {
+        Some(match value {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
 }
 
 /// A database password, percent-decoded: its `Debug` never shows it, and its buffer is wiped
@@ -86,6 +130,10 @@ pub enum LoginProblem {
         "has a {0} that is not UTF-8 once percent-decoded; expected the add-on's value, unedited"
     )]
     NotUtf8(&'static str),
+    // The value is not quoted: the query is the one part of the URL a hand may have edited,
+    // and nothing says a password was not pasted there.
+    #[error("has an sslmode that libpq does not know; expected disable, allow, prefer, require, verify-ca or verify-full")]
+    BadSslMode,
 }
 
 pub fn parse(value: &str) -> Result<DbUrl, UrlProblem> {
@@ -116,10 +164,29 @@ pub fn login(value: &str) -> Result<Login, LoginProblem> {
     } else {
         dbname
     };
+    let host = match url.host() {
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Domain(name)) => decode_text(name, "host")?,
+        None => return Err(UrlProblem::NoHost.into()),
+    };
+    // libpq keeps the last of a repeated parameter.
+    let mut sslmode = None;
+    let mut sslrootcert = None;
+    for (key, value) in url.query_pairs() {
+        match &*key {
+            "sslmode" => sslmode = Some(SslMode::parse(&value).ok_or(LoginProblem::BadSslMode)?),
+            "sslrootcert" => sslrootcert = Some(value.into_owned()),
+            _ => {}
+        }
+    }
     Ok(Login {
         user,
         password: Password(decoded),
         dbname,
+        host,
+        sslmode,
+        sslrootcert,
     })
 }
 
@@ -374,6 +441,36 @@ mod tests {
         assert!(login_of("postgres://alice@127.0.0.1:5000/db")
             .password
             .is_empty());
+    }
+
+    #[test]
+    fn login_reads_the_tls_parameters_and_the_host_as_libpq_does() {
+        let parsed = login_of("postgres://u:p@pg-tunnel.borealis-data.com:5000/db");
+        assert_eq!(parsed.sslmode, None);
+        assert_eq!(parsed.sslrootcert, None);
+        assert_eq!(parsed.host, "pg-tunnel.borealis-data.com");
+        let parsed = login_of(
+            "postgres://u:p@127.0.0.1:5000/db?sslmode=disable&sslrootcert=%2Fetc%2Fca.pem&sslmode=verify-full",
+        );
+        // The last of a repeated parameter wins.
+        assert_eq!(parsed.sslmode, Some(SslMode::VerifyFull));
+        assert_eq!(parsed.sslrootcert.as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(parsed.host, "127.0.0.1");
+        assert_eq!(login_of("postgres://u:p@[::1]:5000/db").host, "::1");
+        for mode in [
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ] {
+            let parsed = login_of(&format!("postgres://u:p@h:1/d?sslmode={mode}"));
+            assert_eq!(parsed.sslmode.map(SslMode::name), Some(mode));
+        }
+        let problem = login("postgres://u:p@h:1/d?sslmode=hunter2").unwrap_err();
+        assert_eq!(problem, LoginProblem::BadSslMode);
+        assert!(!problem.to_string().contains("hunter2"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! - [`postgres`]: PostgreSQL listening on 127.0.0.1 (the "writer") and 127.0.0.2 (the
 //!   "reader") on one random port, so a query can tell which host the tunnel reached; on
-//!   request, one that admits logins only over TLS.
+//!   request, restarted with TLS on or off and `pg_hba.conf` lines of the test's choosing.
 //! - [`sshd`]: OpenSSH sshd configured like the add-on's: public key only, no shell, no TTY,
 //!   local forwarding only and `PermitOpen` to the database only; client keys of every kind.
 //! - [`lab`]: both together, and the config vars of an attachment, as Heroku would set them

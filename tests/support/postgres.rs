@@ -12,6 +12,15 @@ use super::{die_with_parent, free_port, is_root, run, wait_for_port, Tools};
 /// The `postgres` user's password (with characters a URL must escape).
 pub const DB_PASSWORD: &str = "s3cr/t p@ss|word";
 
+/// How [`Postgres::configure`] sets the server up.
+pub struct ServerTls {
+    pub ssl: bool,
+    /// The names (or addresses) the server's certificate is made out to.
+    pub names: &'static [&'static str],
+    /// `pg_hba.conf`'s lines for TCP logins (`host`, `hostssl`, `hostnossl`).
+    pub hba: &'static [&'static str],
+}
+
 pub struct Postgres {
     pub port: u16,
     _dir: tempfile::TempDir,
@@ -117,56 +126,76 @@ impl Postgres {
         let _ = self.child.wait();
     }
 
-    /// Makes the server admit TCP logins only over TLS (a self-signed certificate, `hostssl`
-    /// lines only), as a server that demands TLS does, and waits until a login without TLS is
-    /// refused.
-    pub fn require_tls(&self) {
+    /// Restarts the server as `tls` says: TLS on or off, the `pg_hba.conf` lines for TCP
+    /// logins, and every connection and authentication in its log ([`Postgres::log`]). With
+    /// TLS on, the server's certificate is made out to `tls.names` and signed by a CA of its
+    /// own, whose certificate is returned (a PEM file), for `sslrootcert`.
+    pub fn configure(&mut self, tls: &ServerTls) -> Option<PathBuf> {
         let data = self._dir.path().join("data");
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .self_signed(&key)
+        let mut ca_file = None;
+        if tls.ssl {
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "bpg-tunnel lab PostgreSQL CA");
+            let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+            let ca = rcgen::Issuer::new(ca_params, ca_key);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let names: Vec<String> = tls.names.iter().map(|name| name.to_string()).collect();
+            let cert = rcgen::CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
+            std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
+            // PostgreSQL refuses a key file that others can read.
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
             .unwrap();
-        std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
-        // PostgreSQL refuses a key file that others can read.
-        std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
-        std::fs::set_permissions(
-            data.join("server.key"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        for file in ["server.crt", "server.key"] {
-            give_to_postgres(&data.join(file));
+            for file in ["server.crt", "server.key"] {
+                give_to_postgres(&data.join(file));
+            }
+            let path = self._dir.path().join("ca.crt");
+            std::fs::write(&path, ca_cert.pem()).unwrap();
+            ca_file = Some(path);
         }
         let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
-        conf.push_str("\nssl = on\n");
+        // The last setting of a name wins: a second call overrides the first.
+        conf.push_str(&format!(
+            "\nssl = {}\nlog_connections = on\n",
+            if tls.ssl { "on" } else { "off" }
+        ));
         std::fs::write(data.join("postgresql.conf"), conf).unwrap();
         std::fs::write(
             data.join("pg_hba.conf"),
-            "local all all trust\nhostssl all all 127.0.0.0/8 scram-sha-256\n",
+            format!("local all all trust\n{}\n", tls.hba.join("\n")),
         )
         .unwrap();
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
-        // The reload is asynchronous: wait until a login without TLS is turned away.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let output = Command::new("psql")
-                .args(["-X", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .args(["-U", "postgres", "-d", "postgres", "-c", "select 1"])
-                .env("PGPASSWORD", DB_PASSWORD)
-                .env("PGSSLMODE", "disable")
-                .output()
-                .expect("run psql");
-            if String::from_utf8_lossy(&output.stderr).contains("no encryption") {
-                return;
-            }
+        // A restart rather than a reload: once it accepts again, every setting is in force.
+        self.stop();
+        let restarted = self.log().len();
+        self.start_again();
+        // The wait's own connection is logged by its backend a moment later; once it is, what
+        // the log says next is the test's doing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.log()[restarted..].contains("connection received") {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the server still admits logins without TLS: {}",
-                std::fs::read_to_string(self._dir.path().join("postgres.log")).unwrap_or_default()
+                "no connection logged: {}",
+                self.log()
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(10));
         }
+        ca_file
+    }
+
+    /// What the server has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("postgres.log")).unwrap_or_default()
     }
 
     /// Starts it again, on the same port with the same data, and waits until it accepts.
