@@ -216,15 +216,11 @@ impl Connection {
             if waited >= Duration::from_millis(100) {
                 debug!(event = "connection-waited", addon, %role, %peer, ms = waited.as_millis() as u64);
             }
-            // A copy waiting for SSH window is not woken when the session dies.
-            let aborted = async {
-                let reason = tokio::select! {
-                    () = session_closed.cancelled() => "the SSH session ended",
-                    () = shutdown.cancelled() => "bpg-tunnel is stopping",
-                };
-                io::Error::new(io::ErrorKind::ConnectionAborted, reason)
+            let stopping = async {
+                shutdown.cancelled().await;
+                io::Error::new(io::ErrorKind::ConnectionAborted, "bpg-tunnel is stopping")
             };
-            let copied = copy(stream, channel, stats, aborted).await;
+            let copied = copy(stream, channel, stats, &session_closed, stopping).await;
             match copied {
                 Ok((up, down)) => {
                     debug!(event = "connection-closed", addon, %role, %peer, bytes_up = up, bytes_down = down)
@@ -238,20 +234,24 @@ impl Connection {
     }
 }
 
-/// Copies both ways, passing each end-of-file on, until the channel is closed or `aborted`
+/// Copies both ways, passing each end-of-file on, until the channel is closed or `stopping`
 /// resolves; like `tokio::io::copy_bidirectional`, but without its two zero-filled buffers per
 /// connection: data from the database goes from russh's own packet buffer straight to the app's
 /// socket, and the buffer for the app's data is filled only as far as the app writes. Returns
 /// the bytes sent up and down.
 ///
-/// A copy that ends in any other way than the server closing the channel resets the app's
-/// connection: a clean end-of-file there would pass a stream cut short (by a session lost or
-/// ended for a protocol violation) off as a whole one.
+/// When the session ends, the upload stops (a write waiting for SSH window would never be
+/// woken) but what the server sent before is still passed on: the channel then ends with the
+/// server's close (the stream was whole) or without it (cut short). A copy that ends in any
+/// other way than the server closing the channel resets the app's connection: a clean
+/// end-of-file there would pass a stream cut short (by a session lost or ended for a protocol
+/// violation) off as a whole one.
 async fn copy(
     client: TcpStream,
     channel: Channel<Msg>,
     stats: &AddonStats,
-    aborted: impl Future<Output = io::Error>,
+    session_closed: &CancellationToken,
+    stopping: impl Future<Output = io::Error>,
 ) -> io::Result<(u64, u64)> {
     let (mut client_read, mut client_write) = client.into_split();
     let (channel_read, channel_write) = channel.split();
@@ -272,6 +272,7 @@ async fn copy(
                     result?;
                     up_done = true;
                 }
+                () = session_closed.cancelled(), if !up_done => up_done = true,
                 // Closed: what the app still sends has nowhere to go, and russh stops opening
                 // the window for it, so a pending write would otherwise wait forever.
                 result = &mut down => return result,
@@ -280,14 +281,14 @@ async fn copy(
     };
     let copied = tokio::select! {
         copied = copied => copied,
-        error = aborted => Err(error),
+        error = stopping => Err(error),
     };
-    // Split halves do not close the channel when dropped (a whole `Channel` stream would): say
-    // so, or sshd keeps its side, and the database connection, open.
-    let _ = channel_write.close().await;
     if copied.is_err() {
         reset(client_read, client_write);
     }
+    // Split halves do not close the channel when dropped (a whole `Channel` stream would): say
+    // so, or sshd keeps its side, and the database connection, open.
+    let _ = channel_write.close().await;
     copied.map(|received_down| (sent_up, received_down))
 }
 
@@ -333,7 +334,13 @@ async fn copy_down(
     let mut closed = false;
     while let Some(message) = from.wait().await {
         match message {
-            ChannelMsg::Data { data } if !eof => {
+            ChannelMsg::Data { data } => {
+                if eof {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the SSH server sent data after the channel's end-of-file",
+                    ));
+                }
                 to.write_all(&data).await?;
                 received += data.len() as u64;
                 stats.bytes_down.inc_by(data.len() as u64);

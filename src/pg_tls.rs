@@ -2,6 +2,9 @@
 //! SSH channel. The app's own client reads the same URL, so check uses TLS when and as the app
 //! would, and its verdict on a login is the app's.
 //!
+//! One departure from libpq: `verify-ca` and `verify-full` without `sslrootcert` check against
+//! the Mozilla roots built in, where libpq would fail for want of `~/.postgresql/root.crt`.
+//!
 //! The `SSLRequest` and the handshake are done here, before tokio-postgres sees the stream:
 //! once TLS is required, the startup message (and so any password) can only ever be written
 //! into the TLS stream, and check knows which protocol version was agreed, to say so.

@@ -555,6 +555,44 @@ impl client::Handler for Client {
         ))
     }
 
+    // A session's requests, which no direct-tcpip channel carries; an exit-signal's text would be
+    // held, unread, for as long as the app does not read.
+    async fn exit_status(
+        &mut self,
+        _channel: ChannelId,
+        _exit_status: u32,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        Err(ClientError::Violation(
+            "an exit status on a direct-tcpip channel",
+        ))
+    }
+
+    async fn exit_signal(
+        &mut self,
+        _channel: ChannelId,
+        _signal_name: russh::Sig,
+        _core_dumped: bool,
+        _error_message: &str,
+        _lang_tag: &str,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        Err(ClientError::Violation(
+            "an exit signal on a direct-tcpip channel",
+        ))
+    }
+
+    async fn xon_xoff(
+        &mut self,
+        _channel: ChannelId,
+        _client_can_do: bool,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        Err(ClientError::Violation(
+            "a terminal's flow control on a direct-tcpip channel",
+        ))
+    }
+
     async fn server_channel_open_forwarded_tcpip(
         &mut self,
         _channel: Channel<Msg>,

@@ -259,7 +259,10 @@ LogLevel VERBOSE
     }
 
     pub fn new_client_key(&self, kind: KeyKind) -> KeyPair {
-        let name = format!("client_{:?}_{}", kind, free_port());
+        // A port number is no name: the kernel hands the same free port out again.
+        static KEYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("client_{kind:?}_{n}");
         let pair = keygen(&self.tools, self.dir.path(), &name, kind.keygen_args());
         assert!(
             pair.private.starts_with(kind.header()),
