@@ -18,13 +18,17 @@ const START: Duration = Duration::from_secs(20);
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// An attachment whose SSH server is `rogue` (the lab's own sshd and PostgreSQL stand by).
-fn attachment(lab: &Lab, rogue: &RogueServer) -> Attachment {
+/// A server that misbehaves so, an attachment to it (the lab's own sshd and PostgreSQL stand
+/// by) and the tunnel, its session up.
+fn serve(lab: &Lab, misbehaviour: Misbehaviour) -> (RogueServer, Attachment, Tunnel) {
+    let rogue = RogueServer::start(&lab.tools, misbehaviour);
     let mut db = lab.attachment("DATABASE");
     db.set_conn_info("SSH_PORT", &rogue.port.to_string())
         .set_conn_info("SSH_PUBLIC_HOST_KEY", &rogue.host_key);
     db.set("BPG_TUNNEL_METRICS_INTERVAL", "1s");
-    db
+    let tunnel = Tunnel::spawn(&db.vars, &[]);
+    tunnel.wait_for(&["event=ssh-connected"], START);
+    (rogue, db, tunnel)
 }
 
 /// The app's connection through the tunnel, with a receive buffer so small that what it does
@@ -108,16 +112,13 @@ fn data_far_beyond_the_window_ends_the_session_loudly_and_the_app_sees_an_error_
     // (4 MB at most), and grant that much window again while the excess is on its way: four
     // windows beyond leave more than a tenth of one whatever it managed.
     let total = 6 * CHANNEL_WINDOW;
-    let rogue = RogueServer::start(
-        &lab.tools,
+    let (_rogue, db, tunnel) = serve(
+        &lab,
         Misbehaviour::Overrun {
             total,
             excess: 4 * CHANNEL_WINDOW,
         },
     );
-    let db = attachment(&lab, &rogue);
-    let tunnel = Tunnel::spawn(&db.vars, &[]);
-    tunnel.wait_for(&["event=ssh-connected"], START);
 
     let stream = app(&db);
     // Read only once the session has ended: window the tunnel gave back meanwhile would let
@@ -144,16 +145,13 @@ fn data_a_little_beyond_the_window_is_kept_as_openssh_keeps_it() {
     let total = 4 * CHANNEL_WINDOW;
     // OpenSSH's tolerance is a tenth of the window. What the tunnel may grant again while
     // the excess is on its way only makes the excess it sees smaller.
-    let rogue = RogueServer::start(
-        &lab.tools,
+    let (_rogue, db, tunnel) = serve(
+        &lab,
         Misbehaviour::Overrun {
             total,
             excess: CHANNEL_WINDOW / 10,
         },
     );
-    let db = attachment(&lab, &rogue);
-    let tunnel = Tunnel::spawn(&db.vars, &[]);
-    tunnel.wait_for(&["event=ssh-connected"], START);
 
     let stream = app(&db);
     stall();
@@ -171,10 +169,7 @@ fn tiny_messages_mixed_with_extended_data_cost_no_memory() {
     // Within the window: a client that queued each for its stalled reader would hold 1.2 M
     // messages, ~100 bytes each.
     let pairs = 600_000;
-    let rogue = RogueServer::start(&lab.tools, Misbehaviour::TinyMixed { pairs });
-    let db = attachment(&lab, &rogue);
-    let tunnel = Tunnel::spawn(&db.vars, &[]);
-    tunnel.wait_for(&["event=ssh-connected"], START);
+    let (_rogue, db, tunnel) = serve(&lab, Misbehaviour::TinyMixed { pairs });
     let before = rss_bytes(tunnel.pid());
     // Bounded by the window, never by the count of messages.
     let bound = 2 * CHANNEL_WINDOW as u64;
@@ -209,10 +204,7 @@ fn channels_the_server_opens_are_refused_and_counted() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(lab) = support::lab() else { return };
     let count = 10_000;
-    let rogue = RogueServer::start(&lab.tools, Misbehaviour::OpenChannels { count });
-    let db = attachment(&lab, &rogue);
-    let tunnel = Tunnel::spawn(&db.vars, &[]);
-    tunnel.wait_for(&["event=ssh-connected"], START);
+    let (rogue, db, tunnel) = serve(&lab, Misbehaviour::OpenChannels { count });
     let before = rss_bytes(tunnel.pid());
 
     let mut stream = app(&db);

@@ -43,8 +43,6 @@ pub struct Report {
     pub sessions: AtomicUsize,
     pub opens_accepted: AtomicUsize,
     pub opens_refused: AtomicUsize,
-    /// Channels whose misbehaviour has been sent in full.
-    pub done: AtomicUsize,
 }
 
 pub struct RogueServer {
@@ -195,7 +193,6 @@ impl server::Handler for Rogue {
                 return Ok(());
             }
         }
-        self.report.done.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
