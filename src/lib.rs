@@ -42,3 +42,7 @@ mod supervisor;
 
 pub use config::conn_info::ConnInfo;
 pub use engine::runtime;
+/// The pauses after rejections, which tests/fleet.rs holds against fail2ban with what it
+/// measures on a real sshd.
+#[doc(hidden)]
+pub use supervisor::{auth_failure_pause, DEFAULT_AUTH_FAILURE_DELAY};

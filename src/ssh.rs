@@ -45,6 +45,10 @@ const CHANNEL_WINDOW: u32 = 2 * 1024 * 1024;
 pub enum SessionError {
     #[error("could not connect to {server}: {source}")]
     Connect { server: String, source: io::Error },
+    /// sshd closes a connection at once, before its version line, when more handshakes than its
+    /// `MaxStartups` are under way: the connection cost it nothing, so it can be retried soon.
+    #[error("{server} closed the connection before sending a single byte (sshd does this past its MaxStartups limit, when many clients are in their handshakes at once); retrying soon")]
+    ClosedBeforeGreeting { server: String },
     #[error("{server} did not complete the SSH handshake and authentication within {timeout:?}")]
     Timeout { server: String, timeout: Duration },
     #[error("{server} presented host key {presented}, but SSH_PUBLIC_HOST_KEY is {expected}; refusing to forward anything through it")]
@@ -90,6 +94,24 @@ impl ClientError {
 }
 
 impl SessionError {
+    /// The attempt cost the server nothing: the kernel refused the connection (nothing listens
+    /// on the port, so the server is down or restarting), the network said it cannot reach it,
+    /// or sshd closed it before its greeting. Such attempts may be repeated every second or so
+    /// for as long as the server is away, so that the tunnel is back as soon as it is; what
+    /// costs the server a handshake backs off instead.
+    pub fn cost_the_server_nothing(&self) -> bool {
+        match self {
+            SessionError::Connect { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+            ),
+            SessionError::ClosedBeforeGreeting { .. } => true,
+            _ => false,
+        }
+    }
+
     /// The server refused us on purpose: retrying quickly will not help and may trip fail2ban.
     pub fn is_rejection(&self) -> bool {
         matches!(
@@ -218,6 +240,14 @@ impl Session {
             Err(error) => {
                 // Stops russh's session task, which may be blocked on the socket.
                 let _ = socket.shutdown(std::net::Shutdown::Both);
+                // Nothing at all from the server: it closed or reset the connection before its
+                // version line, which is what sshd does past MaxStartups. (A timeout stays a
+                // timeout: a server that accepts and says nothing may be overloaded.)
+                if matches!(error, SessionError::Protocol { .. })
+                    && bytes_in.load(Ordering::Relaxed) == 0
+                {
+                    return Err(SessionError::ClosedBeforeGreeting { server: name });
+                }
                 Err(error)
             }
         }

@@ -22,6 +22,16 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Longest pause after repeated rejections (wrong key, wrong host key).
 const MAX_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(600);
+/// The first pause after a rejection, by default. The add-on's server runs fail2ban, whose
+/// default jail bans an address for 10 minutes after 5 failures within 10 minutes, and each
+/// rejected attempt is one failure in its aggressive mode (measured in tests/fleet.rs). Doubling
+/// from 60 s puts a fifth attempt 900 s after the first (60 + 120 + 240 + 480): at most 4
+/// failures in any 10 minutes. From 30 s (the old default) the fifth came after 450 s; any base
+/// of 41 s or more keeps under the limit.
+pub const DEFAULT_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(60);
+/// The pause, about one second, after an attempt that cost the server nothing (refused, or
+/// closed before its greeting): a tunnel finds the server within a second of its return.
+const FREE_RETRY: Duration = Duration::from_secs(1);
 
 pub type SessionSlot = watch::Receiver<Option<Arc<Session>>>;
 
@@ -141,7 +151,12 @@ impl Supervisor {
                 Err(error) => {
                     self.stats.session_down(error.to_string());
                     warn!(event = "ssh-connect-failed", addon, server, error = %error);
-                    backoff.next_delay()
+                    if error.cost_the_server_nothing() {
+                        // The backoff is left where it was: it measures what the server paid.
+                        free_retry_delay(self.settings.reconnect_max_delay)
+                    } else {
+                        backoff.next_delay()
+                    }
                 }
             };
             info!(
@@ -160,12 +175,29 @@ impl Supervisor {
     }
 }
 
-/// Doubles from `base` per consecutive rejection up to ten minutes, with up to 25% added at
-/// random so that a fleet of dynos with the same bad key does not knock in step.
-fn auth_failure_delay(base: Duration, rejections: u32) -> Duration {
+/// Uniform in [0.5, 1.5] × [`FREE_RETRY`], never above `cap` (`--reconnect-max-delay`, as the
+/// backoff, never below its first step). Spread over a whole second, a fleet that waited out the
+/// same outage comes back as a stream rather than in one burst, which keeps sshd under its
+/// MaxStartups limit; a connection it still drops cost it nothing and is retried the same way.
+fn free_retry_delay(cap: Duration) -> Duration {
+    FREE_RETRY
+        .mul_f64(0.5 + fastrand::f64())
+        .min(cap.max(FIRST_RETRY))
+}
+
+/// The pause after the `rejections`-th consecutive rejection, before jitter: doubling from
+/// `base` up to ten minutes. The tests hold it against fail2ban's limits (tests/fleet.rs).
+#[doc(hidden)]
+pub fn auth_failure_pause(base: Duration, rejections: u32) -> Duration {
     let doubled = base.saturating_mul(2u32.saturating_pow(rejections.saturating_sub(1).min(16)));
-    let capped = doubled.min(MAX_AUTH_FAILURE_DELAY.max(base));
-    capped + capped.mul_f64(fastrand::f64() * 0.25)
+    doubled.min(MAX_AUTH_FAILURE_DELAY.max(base))
+}
+
+/// [`auth_failure_pause`] with up to 25% added at random, so that a fleet of dynos with the same
+/// bad key does not knock in step. Only ever added: attempts are never closer than the pauses.
+fn auth_failure_delay(base: Duration, rejections: u32) -> Duration {
+    let pause = auth_failure_pause(base, rejections);
+    pause + pause.mul_f64(fastrand::f64() * 0.25)
 }
 
 #[cfg(test)]
@@ -181,5 +213,59 @@ mod tests {
         assert!(second >= base * 2);
         let many = auth_failure_delay(base, 50);
         assert!(many >= MAX_AUTH_FAILURE_DELAY && many <= MAX_AUTH_FAILURE_DELAY.mul_f64(1.25));
+    }
+
+    /// The most of the first `attempts` attempts that fall within any `window`, the first at 0
+    /// and each next one `pause(rejections so far)` later.
+    fn most_attempts_within(
+        window: Duration,
+        attempts: u32,
+        pause: impl Fn(u32) -> Duration,
+    ) -> usize {
+        let mut at = vec![Duration::ZERO];
+        for rejections in 1..attempts {
+            at.push(*at.last().unwrap() + pause(rejections));
+        }
+        (0..at.len())
+            .map(|first| {
+                at[first..]
+                    .iter()
+                    .take_while(|t| **t - at[first] <= window)
+                    .count()
+            })
+            .max()
+            .unwrap()
+    }
+
+    /// fail2ban's default jail: 5 failures within 10 minutes ban the address. Each rejected
+    /// attempt makes one failure (tests/fleet.rs measures it), so at most 4 attempts may fall
+    /// within any 10 minutes; the jitter only adds to the pauses.
+    #[test]
+    fn rejections_at_the_default_stay_under_fail2bans_default_limit() {
+        let window = Duration::from_secs(600);
+        let ours = most_attempts_within(window, 40, |n| {
+            auth_failure_pause(DEFAULT_AUTH_FAILURE_DELAY, n)
+        });
+        assert_eq!(ours, 4);
+        // The old default made a fifth attempt 450 s after the first.
+        let old = most_attempts_within(window, 40, |n| {
+            auth_failure_pause(Duration::from_secs(30), n)
+        });
+        assert_eq!(old, 5);
+        for n in 1..40 {
+            let delay = auth_failure_delay(DEFAULT_AUTH_FAILURE_DELAY, n);
+            assert!(delay >= auth_failure_pause(DEFAULT_AUTH_FAILURE_DELAY, n));
+        }
+    }
+
+    #[test]
+    fn free_retries_come_about_every_second_and_never_above_the_cap() {
+        for _ in 0..1000 {
+            let delay = free_retry_delay(Duration::from_secs(10));
+            assert!(delay >= Duration::from_millis(500) && delay <= Duration::from_millis(1500));
+            assert!(free_retry_delay(Duration::from_millis(300)) <= Duration::from_millis(300));
+            // Never a tight loop, whatever the cap.
+            assert!(free_retry_delay(Duration::ZERO) >= FIRST_RETRY);
+        }
     }
 }
