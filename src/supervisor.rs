@@ -29,9 +29,13 @@ const MAX_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(600);
 /// failures in any 10 minutes. From 30 s (the old default) the fifth came after 450 s; any base
 /// of 41 s or more keeps under the limit.
 pub const DEFAULT_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(60);
-/// The pause, about one second, after an attempt that cost the server nothing (refused, or
-/// closed before its greeting): a tunnel finds the server within a second of its return.
+/// The pause, about one second, after a connection refused or unreachable, which cost the
+/// server nothing: a tunnel finds the server within about a second of its return.
 const FREE_RETRY: Duration = Duration::from_secs(1);
+/// The pause, about half a second, after sshd closed the connection before its greeting (past
+/// its MaxStartups): that cost it nothing either, and it is up, busy with handshakes that take
+/// tens of milliseconds each.
+const BUSY_RETRY: Duration = Duration::from_millis(500);
 
 pub type SessionSlot = watch::Receiver<Option<Arc<Session>>>;
 
@@ -151,9 +155,13 @@ impl Supervisor {
                 Err(error) => {
                     self.stats.session_down(error.to_string());
                     warn!(event = "ssh-connect-failed", addon, server, error = %error);
-                    if error.cost_the_server_nothing() {
-                        // The backoff is left where it was: it measures what the server paid.
-                        free_retry_delay(self.settings.reconnect_max_delay)
+                    // The backoff is left where it was by what cost the server nothing: it
+                    // measures what the server paid.
+                    let cap = self.settings.reconnect_max_delay;
+                    if let SessionError::ClosedBeforeGreeting { .. } = error {
+                        free_retry_delay(BUSY_RETRY, cap)
+                    } else if error.cost_the_server_nothing() {
+                        free_retry_delay(FREE_RETRY, cap)
                     } else {
                         backoff.next_delay()
                     }
@@ -175,13 +183,13 @@ impl Supervisor {
     }
 }
 
-/// Uniform in [0.5, 1.5] × [`FREE_RETRY`], never above `cap` (`--reconnect-max-delay`, as the
+/// Uniform in [0.5, 1.5] × `mean`, never above `cap` (`--reconnect-max-delay`, as for the
 /// backoff, never below its first step). Spread over a whole second, a fleet that waited out the
-/// same outage comes back as a stream rather than in one burst, which keeps sshd under its
-/// MaxStartups limit; a connection it still drops cost it nothing and is retried the same way.
-fn free_retry_delay(cap: Duration) -> Duration {
-    FREE_RETRY
-        .mul_f64(0.5 + fastrand::f64())
+/// same outage comes back as a stream rather than in one burst, which keeps sshd's queue of
+/// handshakes short; a connection it still drops past MaxStartups is retried within half a
+/// second or so.
+fn free_retry_delay(mean: Duration, cap: Duration) -> Duration {
+    mean.mul_f64(0.5 + fastrand::f64())
         .min(cap.max(FIRST_RETRY))
 }
 
@@ -260,12 +268,18 @@ mod tests {
 
     #[test]
     fn free_retries_come_about_every_second_and_never_above_the_cap() {
+        let cap = Duration::from_secs(10);
         for _ in 0..1000 {
-            let delay = free_retry_delay(Duration::from_secs(10));
-            assert!(delay >= Duration::from_millis(500) && delay <= Duration::from_millis(1500));
-            assert!(free_retry_delay(Duration::from_millis(300)) <= Duration::from_millis(300));
+            let refused = free_retry_delay(FREE_RETRY, cap);
+            assert!(
+                refused >= Duration::from_millis(500) && refused <= Duration::from_millis(1500)
+            );
+            let busy = free_retry_delay(BUSY_RETRY, cap);
+            assert!(busy >= Duration::from_millis(250) && busy <= Duration::from_millis(750));
+            let low_cap = Duration::from_millis(300);
+            assert!(free_retry_delay(FREE_RETRY, low_cap) <= low_cap);
             // Never a tight loop, whatever the cap.
-            assert!(free_retry_delay(Duration::ZERO) >= FIRST_RETRY);
+            assert!(free_retry_delay(FREE_RETRY, Duration::ZERO) >= FIRST_RETRY);
         }
     }
 }
