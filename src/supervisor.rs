@@ -32,10 +32,10 @@ pub const DEFAULT_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(60);
 /// The pause, about one second, after a connection refused or unreachable, which cost the
 /// server nothing: a tunnel finds the server within about a second of its return.
 const FREE_RETRY: Duration = Duration::from_secs(1);
-/// The pause, about half a second, after sshd closed the connection before its greeting (past
-/// its MaxStartups): that cost it nothing either, and it is up, busy with handshakes that take
-/// tens of milliseconds each.
-const BUSY_RETRY: Duration = Duration::from_millis(500);
+/// The pause, about 300 ms, after sshd closed the connection before its greeting (past its
+/// MaxStartups): that cost it nothing either (an accept, one line written, a close), and it is
+/// up, busy with handshakes that take tens of milliseconds each.
+const BUSY_RETRY: Duration = Duration::from_millis(300);
 
 pub type SessionSlot = watch::Receiver<Option<Arc<Session>>>;
 
@@ -186,8 +186,7 @@ impl Supervisor {
 /// Uniform in [0.5, 1.5] × `mean`, never above `cap` (`--reconnect-max-delay`, as for the
 /// backoff, never below its first step). Spread over a whole second, a fleet that waited out the
 /// same outage comes back as a stream rather than in one burst, which keeps sshd's queue of
-/// handshakes short; a connection it still drops past MaxStartups is retried within half a
-/// second or so.
+/// handshakes short; a connection it still drops past MaxStartups is retried within 0.15-0.45 s.
 fn free_retry_delay(mean: Duration, cap: Duration) -> Duration {
     mean.mul_f64(0.5 + fastrand::f64())
         .min(cap.max(FIRST_RETRY))
@@ -275,7 +274,7 @@ mod tests {
                 refused >= Duration::from_millis(500) && refused <= Duration::from_millis(1500)
             );
             let busy = free_retry_delay(BUSY_RETRY, cap);
-            assert!(busy >= Duration::from_millis(250) && busy <= Duration::from_millis(750));
+            assert!(busy >= Duration::from_millis(150) && busy <= Duration::from_millis(450));
             let low_cap = Duration::from_millis(300);
             assert!(free_retry_delay(FREE_RETRY, low_cap) <= low_cap);
             // Never a tight loop, whatever the cap.

@@ -342,8 +342,8 @@ fn a_wrong_key_or_host_key_makes_fewer_than_5_fail2ban_failures_in_any_10_minute
 }
 
 /// What costs the server nothing is retried soon, however long it lasts: a refused connection
-/// about every second, one sshd closes before its greeting (past MaxStartups) about every half
-/// second; a handshake that fails once the server spoke backs off from its first step as before.
+/// about every second, one sshd closes before its greeting (past MaxStartups) about every 300
+/// ms; a handshake that fails once the server spoke backs off from its first step as before.
 #[test]
 fn refused_and_unanswered_connects_are_retried_about_every_second() {
     let _one = one_at_a_time();
@@ -383,7 +383,7 @@ fn refused_and_unanswered_connects_are_retried_about_every_second() {
         (name, port, Tunnel::spawn(db.vars.iter(), &[]), state)
     })
     .collect();
-    for ((name, _, tunnel, _), expected) in tunnels[..2].iter().zip([500..=1500, 250..=750]) {
+    for ((name, _, tunnel, _), expected) in tunnels[..2].iter().zip([500..=1500, 150..=450]) {
         tunnel.wait_for_nth(&["event=reconnect-scheduled"], 5, Duration::from_secs(20));
         let lines = tunnel.lines();
         let delays: Vec<u64> = lines
