@@ -118,8 +118,9 @@ fn wait_connected(tunnels: &[Tunnel], n: usize) {
 }
 
 /// `FLEET` tunnels through one sshd at OpenSSH's default `MaxStartups`: started at once, every
-/// session killed at once, and the server down for `OUTAGE` and back. Each time every tunnel
-/// carries a round trip again within the bounds, and fail2ban finds nothing in the server's log.
+/// session killed at once, and the server down for `OUTAGE` and back. After the kill and the
+/// return every tunnel carries a round trip again within the bounds, and fail2ban finds nothing
+/// in the server's log.
 #[test]
 fn a_fleet_of_100_is_back_within_2_s_of_the_servers_return_and_fail2ban_finds_nothing() {
     let _one = one_at_a_time();
@@ -184,11 +185,13 @@ fn a_fleet_of_100_is_back_within_2_s_of_the_servers_return_and_fail2ban_finds_no
     report("server back", &restart, &restart_log, &tunnels);
     eprintln!("the whole run took {:?}", started.elapsed());
 
-    // The start's figures include starting 100 processes: only printed.
-    for (scenario, times, log) in [
-        ("started at once", None, &herd_log),
-        ("sessions killed", Some(&kill), &kill_log),
-        ("server back", Some(&restart), &restart_log),
+    // The start's figures include starting 100 processes: only printed. After the kill, every
+    // tunnel (among them those sshd dropped past MaxStartups) is back within the bound on each;
+    // after the server's return, p95 as well.
+    for (scenario, times, p95_bound, log) in [
+        ("started at once", None, None, &herd_log),
+        ("sessions killed", Some(&kill), None, &kill_log),
+        ("server back", Some(&restart), Some(P95_BOUND), &restart_log),
     ] {
         for (mode, failures) in failures_by_mode(&fail2ban_regex, log) {
             eprintln!("{scenario}: fail2ban ({mode}) counts {}", failures.len());
@@ -200,7 +203,7 @@ fn a_fleet_of_100_is_back_within_2_s_of_the_servers_return_and_fail2ban_finds_no
         if let Some(times) = times {
             let (_, p95, max) = percentiles(times);
             assert!(
-                p95 <= P95_BOUND && max <= MAX_BOUND,
+                p95_bound.is_none_or(|bound| p95 <= bound) && max <= MAX_BOUND,
                 "{scenario}: p95 {p95:?}, max {max:?}"
             );
         }
