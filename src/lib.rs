@@ -39,6 +39,7 @@ mod ssh;
 mod stats;
 pub mod status;
 mod supervisor;
+mod tls_roots;
 
 pub use config::conn_info::ConnInfo;
 pub use engine::runtime;

@@ -10,6 +10,7 @@
 //! into the TLS stream, and check knows which protocol version was agreed, to say so.
 
 use std::io;
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -17,6 +18,8 @@ use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::tls_roots::{self, PemFileError};
 
 use crate::config::db_url::SslMode;
 
@@ -194,30 +197,24 @@ where
 }
 
 fn roots(root_cert: Option<&RootCert>) -> Result<Arc<RootCertStore>, TlsSetupError> {
-    let mut roots = RootCertStore::empty();
     let path = match root_cert {
-        None | Some(RootCert::System) => {
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            return Ok(Arc::new(roots));
-        }
+        None | Some(RootCert::System) => return Ok(Arc::new(tls_roots::mozilla())),
         Some(RootCert::File(path)) => path,
     };
-    let pem = std::fs::read(path).map_err(|source| TlsSetupError::RootCertUnreadable {
-        path: path.clone(),
-        source,
-    })?;
+    let mut roots = RootCertStore::empty();
     let unusable = |reason: String| TlsSetupError::RootCertUnusable {
         path: path.clone(),
         reason,
     };
-    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
-        let cert: CertificateDer = cert.map_err(|e| unusable(e.to_string()))?;
-        roots.add(cert).map_err(|e| unusable(e.to_string()))?;
+    match tls_roots::add_pem_file(&mut roots, Path::new(path)) {
+        Ok(0) => Err(unusable("no certificate in it".into())),
+        Ok(_) => Ok(Arc::new(roots)),
+        Err(PemFileError::Unreadable(source)) => Err(TlsSetupError::RootCertUnreadable {
+            path: path.clone(),
+            source,
+        }),
+        Err(PemFileError::Unusable(reason)) => Err(unusable(reason)),
     }
-    if roots.is_empty() {
-        return Err(unusable("no certificate in it".into()));
-    }
-    Ok(Arc::new(roots))
 }
 
 /// libpq's three levels of certificate checking; the handshake's signatures are checked at

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::backoff::Backoff;
 use crate::config::PrivateApp;
 use crate::stats::RegistrationStats;
+use crate::tls_roots::{self, PemFileError};
 
 /// The add-on drops a registration this long after it was made or last renewed.
 pub const AUTO_DESTROY_DELAY: Duration = Duration::from_secs(4500);
@@ -99,20 +100,15 @@ impl ApiClient {
         request_timeout: Duration,
         extra_ca: Option<&Path>,
     ) -> Result<ApiClient, ClientSetupError> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let mut roots = tls_roots::mozilla();
         if let Some(path) = extra_ca {
-            let pem = std::fs::read(path).map_err(|source| ClientSetupError::CaFile {
-                path: path.display().to_string(),
-                source,
+            tls_roots::add_pem_file(&mut roots, path).map_err(|error| match error {
+                PemFileError::Unreadable(source) => ClientSetupError::CaFile {
+                    path: path.display().to_string(),
+                    source,
+                },
+                PemFileError::Unusable(reason) => ClientSetupError::CaCert(reason),
             })?;
-            for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
-                let cert: rustls::pki_types::CertificateDer =
-                    cert.map_err(|e| ClientSetupError::CaCert(e.to_string()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| ClientSetupError::CaCert(e.to_string()))?;
-            }
         }
         let tls = rustls::ClientConfig::builder_with_provider(
             rustls::crypto::ring::default_provider().into(),
