@@ -38,17 +38,13 @@ const SOCKET_READ_BUFFER: usize = 64 * 1024;
 /// channel window (and russh's default, set here so the figure below stays true). It is the most
 /// data a stalled client makes us hold (20 stalled clients: 42 MB of data, 43 MB of RSS measured),
 /// and bounds one connection's download at window / round trip: 2 GB/s at the 1 ms between a
-/// dyno and a server in its region, 20 MB/s at 100 ms.
+/// dyno and a server in its region, 20 MB/s at 100 ms. Larger windows were measured against
+/// OpenSSH 9.2 (docs/performance.md): across a 40 ms round trip they help (a window that grew to
+/// 8 MiB for a client that kept up: COPY 44 to 73 MB/s), but sshd reads ahead into its channel
+/// buffer as far as a window lets it and spends its CPU moving and wiping that buffer, so on
+/// loopback the same COPY fell from 266 to 159 MB/s. A window sized to the round trip is the
+/// way there; a fixed or merely reader-paced larger one is not.
 const CHANNEL_WINDOW: u32 = 2 * 1024 * 1024;
-
-/// What the session may add, all channels together, to the windows of channels whose readers
-/// keep up (our russh patch doubles such a window after each whole window read): one bulk
-/// download may reach 8 MiB, or three 4 MiB. Across a 40 ms round trip a 100 MB download went
-/// from 35 to 75 MB/s (tests/flow_control.rs). More does not pay with OpenSSH: sshd reads ahead
-/// into its channel buffer as far as the window lets it, and at 16 MiB it spent its CPU moving
-/// and zeroing that buffer (60 MB/s). Memory stays bounded: stalled clients hold at most
-/// `CHANNEL_WINDOW` each, plus this once for the session.
-const CHANNEL_WINDOW_GROWTH: u32 = 6 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -440,7 +436,6 @@ async fn handshake(
         inactivity_timeout: None,
         nodelay: true,
         window_size: CHANNEL_WINDOW,
-        window_growth: CHANNEL_WINDOW_GROWTH,
         preferred: preferred_algorithms(&server.host_key),
         ..Default::default()
     });

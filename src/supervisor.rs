@@ -36,6 +36,11 @@ const FREE_RETRY: Duration = Duration::from_secs(1);
 /// MaxStartups): that cost it nothing either (an accept, one line written, a close), and it is
 /// up, busy with handshakes that take tens of milliseconds each.
 const BUSY_RETRY: Duration = Duration::from_millis(300);
+/// How many connections closed before the greeting in a row are retried after `BUSY_RETRY`;
+/// then the backoff takes over. A busy sshd lets a retry through within a few; something that
+/// closes every connection (a balancer in front of a server that is down, a server that is not
+/// sshd) would otherwise be knocked on three times a second for as long as it lasts.
+const BUSY_RETRIES: u32 = 8;
 
 pub type SessionSlot = watch::Receiver<Option<Arc<Session>>>;
 
@@ -85,6 +90,7 @@ impl Supervisor {
         let addon = self.addon.name.as_str();
         let server = self.addon.ssh.address();
         let mut backoff = Backoff::new(FIRST_RETRY, self.settings.reconnect_max_delay);
+        let mut closed_in_a_row = 0u32;
         let mut rejections = 0u32;
         let mut attempt = 0u32;
         let mut connected_before = false;
@@ -102,6 +108,7 @@ impl Supervisor {
             };
             let delay = match connected {
                 Ok(session) => {
+                    closed_in_a_row = 0;
                     info!(
                         event = "ssh-connected",
                         addon,
@@ -142,6 +149,7 @@ impl Supervisor {
                     backoff.next_delay()
                 }
                 Err(error) if error.is_rejection() => {
+                    closed_in_a_row = 0;
                     self.stats.session_down(error.to_string());
                     rejections += 1;
                     let event = match error {
@@ -158,8 +166,12 @@ impl Supervisor {
                     // The backoff is left where it was by what cost the server nothing: it
                     // measures what the server paid.
                     let cap = self.settings.reconnect_max_delay;
-                    if let SessionError::ClosedBeforeGreeting { .. } = error {
+                    let closed = matches!(error, SessionError::ClosedBeforeGreeting { .. });
+                    closed_in_a_row = if closed { closed_in_a_row + 1 } else { 0 };
+                    if closed && closed_in_a_row <= BUSY_RETRIES {
                         free_retry_delay(BUSY_RETRY, cap)
+                    } else if closed {
+                        backoff.next_delay()
                     } else if error.cost_the_server_nothing() {
                         free_retry_delay(FREE_RETRY, cap)
                     } else {
@@ -200,6 +212,30 @@ pub fn auth_failure_pause(base: Duration, rejections: u32) -> Duration {
     doubled.min(MAX_AUTH_FAILURE_DELAY.max(base))
 }
 
+/// The most of the first `attempts` attempts that fall within any `window`, the first at 0
+/// and each next one `pause(rejections so far)` later: what fail2ban would count of a schedule of
+/// pauses (the tests hold [`auth_failure_pause`] against its limit with it).
+#[doc(hidden)]
+pub fn most_attempts_within(
+    window: Duration,
+    attempts: u32,
+    pause: impl Fn(u32) -> Duration,
+) -> usize {
+    let mut at = vec![Duration::ZERO];
+    for rejections in 1..attempts {
+        at.push(*at.last().unwrap() + pause(rejections));
+    }
+    (0..at.len())
+        .map(|first| {
+            at[first..]
+                .iter()
+                .take_while(|t| **t - at[first] <= window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// [`auth_failure_pause`] with up to 25% added at random, so that a fleet of dynos with the same
 /// bad key does not knock in step. Only ever added: attempts are never closer than the pauses.
 fn auth_failure_delay(base: Duration, rejections: u32) -> Duration {
@@ -220,28 +256,6 @@ mod tests {
         assert!(second >= base * 2);
         let many = auth_failure_delay(base, 50);
         assert!(many >= MAX_AUTH_FAILURE_DELAY && many <= MAX_AUTH_FAILURE_DELAY.mul_f64(1.25));
-    }
-
-    /// The most of the first `attempts` attempts that fall within any `window`, the first at 0
-    /// and each next one `pause(rejections so far)` later.
-    fn most_attempts_within(
-        window: Duration,
-        attempts: u32,
-        pause: impl Fn(u32) -> Duration,
-    ) -> usize {
-        let mut at = vec![Duration::ZERO];
-        for rejections in 1..attempts {
-            at.push(*at.last().unwrap() + pause(rejections));
-        }
-        (0..at.len())
-            .map(|first| {
-                at[first..]
-                    .iter()
-                    .take_while(|t| **t - at[first] <= window)
-                    .count()
-            })
-            .max()
-            .unwrap()
     }
 
     /// fail2ban's default jail: 5 failures within 10 minutes ban the address. Each rejected

@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Ethernet's 1500-byte MTU less the IPv4 and TCP headers (with timestamps).
-const NETWORK_MSS: u32 = 1448;
+/// What a host on Ethernet advertises: the 1500-byte MTU less the IPv4 and TCP headers (with
+/// timestamps on, segments then carry 1448 bytes).
+const NETWORK_MSS: u32 = 1460;
 
 /// A TCP socket whose connections carry segments of at most `NETWORK_MSS` bytes (set on a
 /// listener, its connections inherit it).
