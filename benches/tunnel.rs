@@ -1,9 +1,16 @@
 //! bpg-tunnel against the tunnel it replaces, OpenSSH `ssh -L` under autossh, both through the
 //! same sshd to the same PostgreSQL, with a direct connection as the physical limit.
 //!
-//! Run it with `make bench` (full: about 5 minutes) or `make bench-smoke` (what CI runs, so the
-//! benchmark cannot rot). Contenders take turns within each round (A/B, then B/A) so drift on
-//! a shared machine hits both alike, and the table shows medians over the rounds.
+//! Each contender is measured on four routes: plain on loopback (every figure, memory and start
+//! included), then with TLS inside the tunnel as the add-on's databases require it (the server
+//! with `ssl=on`, every client with `sslmode=require`), on loopback, and through a relay that
+//! delays each direction by 1 ms and by 20 ms. The relay sits where the network does in
+//! production: between the tunnel and sshd, or between the client and PostgreSQL for the direct
+//! connection.
+//!
+//! Run it with `make bench` (full: about 20 minutes) or `make bench-smoke` (what CI runs, so
+//! the benchmark cannot rot). Contenders take turns within each round (A/B, then B/A) so drift
+//! on a shared machine hits both alike, and the tables show medians over the rounds.
 //!
 //! Options (after `--`): `--smoke`, `--rounds N`, `--seconds S` (per pgbench run),
 //! `--copy-mb M`, `--idle N` (connections held open for the memory figure), and `--lab`, which
@@ -18,7 +25,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Lab, SshForward, Tunnel, DB_PASSWORD};
+use support::{Lab, Relay, ServerTls, SshForward, Tunnel, DB_PASSWORD};
 
 struct Options {
     lab: bool,
@@ -91,6 +98,95 @@ impl Contender {
     }
 }
 
+/// How the client reaches the database.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Route {
+    Plain,
+    Tls,
+    Tls1ms,
+    Tls20ms,
+}
+
+impl Route {
+    const ALL: [Route; 4] = [Route::Plain, Route::Tls, Route::Tls1ms, Route::Tls20ms];
+
+    fn label(self) -> &'static str {
+        match self {
+            Route::Plain => "plain, loopback",
+            Route::Tls => "TLS inside (sslmode=require), loopback",
+            Route::Tls1ms => "TLS inside, 1 ms each way (2 ms round trip)",
+            Route::Tls20ms => "TLS inside, 20 ms each way (40 ms round trip)",
+        }
+    }
+
+    fn tls(self) -> bool {
+        self != Route::Plain
+    }
+
+    /// Added to each direction by the relay.
+    fn delay(self) -> Duration {
+        match self {
+            Route::Plain | Route::Tls => Duration::ZERO,
+            Route::Tls1ms => Duration::from_millis(1),
+            Route::Tls20ms => Duration::from_millis(20),
+        }
+    }
+
+    /// What is measured on this route: the data path on every one, the rest on loopback.
+    fn metrics(self) -> &'static [Metric] {
+        match self {
+            Route::Plain => &Metric::ALL,
+            _ => &Metric::ALL[..Metric::DATA_PATH],
+        }
+    }
+
+    /// The goal for bpg-tunnel's figure, and whether higher is better.
+    fn target(self, metric: Metric) -> Option<Target> {
+        let ssh = |goal, higher| {
+            Some(Target {
+                goal,
+                higher,
+                against: Against::Ssh,
+            })
+        };
+        match (self, metric) {
+            (Route::Tls1ms, Metric::CopyMbps) => Some(Target {
+                goal: 0.9,
+                higher: true,
+                against: Against::Direct,
+            }),
+            (Route::Plain, Metric::RssPerConn) => Some(Target {
+                goal: 10.0,
+                higher: false,
+                against: Against::Nothing,
+            }),
+            (_, Metric::SelectTps) => ssh(1.2, true),
+            (_, Metric::SelectP99) => ssh(0.8, false),
+            (_, Metric::CopyMbps) => ssh(1.5, true),
+            (_, Metric::CpuPerGb) => ssh(0.5, false),
+            (Route::Plain, Metric::ConnectTps) => ssh(2.5, true),
+            (Route::Plain, Metric::StalledProbeMs) => ssh(1.5, false),
+            (Route::Plain, Metric::IdleRss) => ssh(0.4, false),
+            _ => None,
+        }
+    }
+}
+
+struct Target {
+    goal: f64,
+    higher: bool,
+    against: Against,
+}
+
+/// What a goal divides bpg-tunnel's figure by.
+#[derive(PartialEq, Eq)]
+enum Against {
+    Ssh,
+    Direct,
+    /// The goal is for the figure itself.
+    Nothing,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Metric {
     SelectTps,
@@ -103,11 +199,12 @@ enum Metric {
     StalledProbeMs,
     IdleRss,
     ConnsRss,
+    RssPerConn,
     FirstQuery,
 }
 
 impl Metric {
-    const ALL: [Metric; 11] = [
+    const ALL: [Metric; 12] = [
         Metric::SelectTps,
         Metric::SelectP50,
         Metric::SelectP99,
@@ -118,45 +215,38 @@ impl Metric {
         Metric::StalledProbeMs,
         Metric::IdleRss,
         Metric::ConnsRss,
+        Metric::RssPerConn,
         Metric::FirstQuery,
     ];
+
+    /// What every route measures, the first of `ALL`: throughput and latency of the data path,
+    /// and its CPU cost.
+    const DATA_PATH: usize = 7;
 
     fn label(self, options: &Options) -> String {
         match self {
             Metric::SelectTps => "select-only, 8 clients: tps".into(),
             Metric::SelectP50 => "select-only: p50 latency ms".into(),
             Metric::SelectP99 => "select-only: p99 latency ms".into(),
-            Metric::ConnectTps => "new connection per tx (-C): tps".into(),
+            Metric::ConnectTps => "new connection (SCRAM) per tx (-C): tps".into(),
             Metric::ConnectMs => "-C: average connect ms".into(),
             Metric::CopyMbps => format!("COPY TO STDOUT ~{} MB: MB/s", options.copy_mb),
             Metric::CpuPerGb => "tunnel CPU s per GB (COPY)".into(),
             Metric::StalledProbeMs => "worst probe ms, another client stalled".into(),
             Metric::IdleRss => "tunnel RSS idle, MB".into(),
             Metric::ConnsRss => format!("tunnel RSS, {} open conns, MB", options.idle),
+            Metric::RssPerConn => "tunnel RSS per open conn, kB".into(),
             Metric::FirstQuery => "process start to first query, ms".into(),
-        }
-    }
-
-    /// The issue's target for bpg-tunnel / ssh, and whether higher is better.
-    fn target(self) -> Option<(f64, bool)> {
-        match self {
-            Metric::SelectTps => Some((1.2, true)),
-            Metric::ConnectTps => Some((2.5, true)),
-            Metric::CopyMbps => Some((1.2, true)),
-            Metric::SelectP99 => Some((1.0, false)),
-            Metric::StalledProbeMs => Some((1.5, false)),
-            Metric::IdleRss | Metric::ConnsRss => Some((0.5, false)),
-            _ => None,
         }
     }
 }
 
-type Results = BTreeMap<(Metric, Contender), Vec<f64>>;
+type Results = BTreeMap<(Route, Metric, Contender), Vec<f64>>;
 
 fn main() {
     let options = Options::parse();
     let started = Instant::now();
-    let Some(lab) = support::lab() else {
+    let Some(mut lab) = support::lab() else {
         std::process::exit(1);
     };
     for tool in ["autossh", "ssh", "pgbench", "psql"] {
@@ -191,91 +281,81 @@ fn main() {
         .build()
         .unwrap();
 
+    // TLS on for the routes that ask for it; the plain route's clients say sslmode=disable.
+    lab.pg.configure(&ServerTls {
+        ssl: true,
+        names: &["127.0.0.1"],
+        hba: &["host all all 127.0.0.0/8 scram-sha-256"],
+    });
+    // Where the network is in production: between the tunnel and sshd, and between a direct
+    // client and PostgreSQL.
+    let relays: BTreeMap<Route, (Relay, Relay)> = Route::ALL
+        .into_iter()
+        .filter(|route| !route.delay().is_zero())
+        .map(|route| {
+            let to_sshd = Relay::start(([127, 0, 0, 1], lab.sshd.port).into());
+            let to_pg = Relay::start(([127, 0, 0, 1], lab.pg.port).into());
+            to_sshd.set_delay(route.delay());
+            to_pg.set_delay(route.delay());
+            (route, (to_sshd, to_pg))
+        })
+        .collect();
     if options.lab {
-        let ssh = Running::ssh(&lab);
-        let bpg = Running::bpg(&lab);
-        for running in [&ssh, &bpg] {
-            runtime.block_on(first_query(running.port(), Instant::now()));
+        // Both tunnels on loopback and through each delaying relay, left running.
+        let mut running = Vec::new();
+        for route in [Route::Tls, Route::Tls1ms, Route::Tls20ms] {
+            let (ssh_port, pg_port) = match relays.get(&route) {
+                Some((to_sshd, to_pg)) => (to_sshd.port, to_pg.port),
+                None => (lab.sshd.port, lab.pg.port),
+            };
+            let ssh = Running::ssh(&lab, ssh_port);
+            let bpg = Running::bpg(&lab, ssh_port);
+            for started in [&ssh, &bpg] {
+                runtime.block_on(first_query(started.port(), Instant::now()));
+            }
+            println!(
+                "{:?} each way (PGPASSWORD={DB_PASSWORD:?}): direct 127.0.0.1:{pg_port}, ssh -L 127.0.0.1:{} pids {:?}, bpg-tunnel 127.0.0.1:{} pid {:?}",
+                route.delay(),
+                ssh.port(),
+                ssh.pids(),
+                bpg.port(),
+                bpg.pids()
+            );
+            running.push((ssh, bpg));
         }
-        println!(
-            "lab up (PGPASSWORD={DB_PASSWORD:?}): direct 127.0.0.1:{}, ssh -L 127.0.0.1:{} pids {:?}, bpg-tunnel 127.0.0.1:{} pid {:?}",
-            lab.pg.port,
-            ssh.port(),
-            ssh.pids(),
-            bpg.port(),
-            bpg.pids()
-        );
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
-
     let mut results = Results::new();
     for round in 0..options.rounds {
-        let order = if round % 2 == 0 {
-            [Contender::Direct, Contender::Ssh, Contender::Bpg]
-        } else {
-            [Contender::Direct, Contender::Bpg, Contender::Ssh]
-        };
-        for contender in order {
-            let mut record = |metric, value: f64| {
-                assert!(
-                    value.is_finite() && value > 0.0,
-                    "{} {metric:?}: measured {value}",
-                    contender.label()
-                );
-                results.entry((metric, contender)).or_default().push(value);
+        for route in Route::ALL {
+            let (ssh_port, pg_port) = match relays.get(&route) {
+                Some((to_sshd, to_pg)) => (to_sshd.port, to_pg.port),
+                None => (lab.sshd.port, lab.pg.port),
             };
-            let spawned = Instant::now();
-            let running = match contender {
-                Contender::Direct => Running::Direct(lab.pg.port),
-                Contender::Ssh => Running::ssh(&lab),
-                Contender::Bpg => Running::bpg(&lab),
+            let order = if round % 2 == 0 {
+                [Contender::Direct, Contender::Ssh, Contender::Bpg]
+            } else {
+                [Contender::Direct, Contender::Bpg, Contender::Ssh]
             };
-            let port = running.port();
-            if contender != Contender::Direct {
-                let first = runtime.block_on(first_query(port, spawned));
-                record(Metric::FirstQuery, first.as_secs_f64() * 1e3);
-                std::thread::sleep(Duration::from_millis(300));
-                record(Metric::IdleRss, rss_mb(&running.pids()));
-            }
-
-            let select = pgbench(port, &["-S", "-c", "8", "-j", "2"], &options, dir.path());
-            record(Metric::SelectTps, select.tps);
-            record(Metric::SelectP50, select.p50_ms);
-            record(Metric::SelectP99, select.p99_ms);
-
-            let connect = pgbench(
-                port,
-                &["-S", "-C", "-c", "8", "-j", "2"],
-                &options,
-                dir.path(),
-            );
-            record(Metric::ConnectTps, connect.tps);
-            record(Metric::ConnectMs, connect.connect_ms);
-
-            let cpu_before = cpu_seconds(&running.pids());
-            let copy_started = Instant::now();
-            let copied = copy_out(port);
-            let copy_time = copy_started.elapsed();
-            let cpu = cpu_seconds(&running.pids()) - cpu_before;
-            assert_eq!(copied, copy_bytes, "{}: COPY came short", contender.label());
-            record(
-                Metric::CopyMbps,
-                copied as f64 / 1e6 / copy_time.as_secs_f64(),
-            );
-            if contender != Contender::Direct {
-                // Clock ticks are 10 ms: a smoke-sized copy may use less than one.
-                record(
-                    Metric::CpuPerGb,
-                    (cpu / (copied as f64 / 1e9)).max(f64::MIN_POSITIVE),
+            for contender in order {
+                let running = match contender {
+                    Contender::Direct => Running::direct(pg_port),
+                    Contender::Ssh => Running::ssh(&lab, ssh_port),
+                    Contender::Bpg => Running::bpg(&lab, ssh_port),
+                };
+                measure(
+                    route,
+                    contender,
+                    &running,
+                    &options,
+                    dir.path(),
+                    copy_bytes,
+                    &runtime,
+                    &mut results,
                 );
-                let rss = runtime.block_on(hold_connections(port, options.idle, &running));
-                record(Metric::ConnsRss, rss);
             }
-            let worst = runtime.block_on(probe_beside_a_stalled_client(port, &options));
-            record(Metric::StalledProbeMs, worst.as_secs_f64() * 1e3);
-            drop(running);
         }
         println!(
             "round {}/{} done at {:.0} s",
@@ -288,6 +368,96 @@ fn main() {
     println!("total time: {:.0} s", started.elapsed().as_secs_f64());
 }
 
+/// Every figure of `route` for one contender, added to `results`.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    route: Route,
+    contender: Contender,
+    running: &Running,
+    options: &Options,
+    dir: &Path,
+    copy_bytes: u64,
+    runtime: &tokio::runtime::Runtime,
+    results: &mut Results,
+) {
+    let mut record = |metric: Metric, value: f64| {
+        assert!(
+            route.metrics().contains(&metric),
+            "{metric:?} is not measured on {route:?}"
+        );
+        assert!(
+            value.is_finite() && value > 0.0,
+            "{} {route:?} {metric:?}: measured {value}",
+            contender.label()
+        );
+        results
+            .entry((route, metric, contender))
+            .or_default()
+            .push(value);
+    };
+    let tls = route.tls();
+    let port = running.port();
+    let first = runtime.block_on(first_query(port, running.spawned));
+    let tunnel = contender != Contender::Direct;
+    let mut idle_rss = None;
+    if route == Route::Plain && tunnel {
+        record(Metric::FirstQuery, first.as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(300));
+        let rss = rss_mb(&running.pids());
+        idle_rss = Some(rss);
+        record(Metric::IdleRss, rss);
+    }
+
+    // pgbench opens its clients one after another before it counts transactions, each
+    // connection a dozen round trips with TLS and SCRAM: half a second at 20 ms, which a smoke
+    // run's one second cannot spare.
+    let seconds = options.seconds
+        + if route.delay() >= Duration::from_millis(20) {
+            2
+        } else {
+            0
+        };
+    let select = pgbench(port, tls, &["-S", "-c", "8", "-j", "2"], seconds, dir);
+    record(Metric::SelectTps, select.tps);
+    record(Metric::SelectP50, select.p50_ms);
+    record(Metric::SelectP99, select.p99_ms);
+
+    let connect = pgbench(port, tls, &["-S", "-C", "-c", "8", "-j", "2"], seconds, dir);
+    record(Metric::ConnectTps, connect.tps);
+    record(Metric::ConnectMs, connect.connect_ms);
+
+    let cpu_before = cpu_seconds(&running.pids());
+    let copy_started = Instant::now();
+    let copied = copy_out(port, tls);
+    let copy_time = copy_started.elapsed();
+    let cpu = cpu_seconds(&running.pids()) - cpu_before;
+    assert_eq!(copied, copy_bytes, "{}: COPY came short", contender.label());
+    record(
+        Metric::CopyMbps,
+        copied as f64 / 1e6 / copy_time.as_secs_f64(),
+    );
+    if tunnel {
+        // Clock ticks are 10 ms: a smoke-sized copy may use less than one.
+        record(
+            Metric::CpuPerGb,
+            (cpu / (copied as f64 / 1e9)).max(f64::MIN_POSITIVE),
+        );
+    }
+    if route != Route::Plain {
+        return;
+    }
+    if let Some(idle) = idle_rss {
+        let rss = runtime.block_on(hold_connections(port, options.idle, running));
+        record(Metric::ConnsRss, rss);
+        // What each open connection adds; a tunnel that gave memory back since it was idle
+        // (the allocator's doing) counts as adding next to nothing.
+        let per_conn = (rss - idle) * 1024.0 / options.idle as f64;
+        record(Metric::RssPerConn, per_conn.max(0.001));
+    }
+    let worst = runtime.block_on(probe_beside_a_stalled_client(port, options));
+    record(Metric::StalledProbeMs, worst.as_secs_f64() * 1e3);
+}
+
 fn version(program: &Path, flag: &str) -> String {
     let output = Command::new(program).arg(flag).output().unwrap();
     let text = [output.stdout, output.stderr].concat();
@@ -296,7 +466,7 @@ fn version(program: &Path, flag: &str) -> String {
 
 /// pgbench's tables, and a table whose text COPY is `copy_mb` megabytes; returns its exact size.
 fn prepare_database(lab: &Lab, options: &Options) -> u64 {
-    let output = client("pgbench", lab.pg.port)
+    let output = client("pgbench", lab.pg.port, false)
         .args(["-i", "-q", "-s", &options.pgbench_scale.to_string()])
         .arg("postgres")
         .output()
@@ -317,20 +487,22 @@ fn prepare_database(lab: &Lab, options: &Options) -> u64 {
         ),
     );
     psql(lab.pg.port, "vacuum analyze bulk");
-    copy_out(lab.pg.port)
+    copy_out(lab.pg.port, false)
 }
 
-/// `program` (psql or pgbench) pointed at 127.0.0.1:`port` as the lab's database user.
-fn client(program: &str, port: u16) -> Command {
+/// `program` (psql or pgbench) pointed at 127.0.0.1:`port` as the lab's database user, with
+/// TLS required or refused.
+fn client(program: &str, port: u16, tls: bool) -> Command {
     let mut command = Command::new(program);
     command
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .env("PGPASSWORD", DB_PASSWORD);
+        .env("PGPASSWORD", DB_PASSWORD)
+        .env("PGSSLMODE", if tls { "require" } else { "disable" });
     command
 }
 
 fn psql(port: u16, sql: &str) {
-    let output = client("psql", port)
+    let output = client("psql", port, false)
         .args([
             "-X",
             "-q",
@@ -351,8 +523,8 @@ fn psql(port: u16, sql: &str) {
 }
 
 /// Runs `COPY bulk TO STDOUT` with psql, the way an app's libpq would, and counts the bytes.
-fn copy_out(port: u16) -> u64 {
-    let mut child = client("psql", port)
+fn copy_out(port: u16, tls: bool) -> u64 {
+    let mut child = client("psql", port, tls)
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"])
         .args(["-c", "copy bulk to stdout"])
         .stdout(Stdio::piped())
@@ -381,10 +553,10 @@ struct Pgbench {
     connect_ms: f64,
 }
 
-fn pgbench(port: u16, args: &[&str], options: &Options, dir: &Path) -> Pgbench {
+fn pgbench(port: u16, tls: bool, args: &[&str], seconds: u32, dir: &Path) -> Pgbench {
     let logs = tempfile::tempdir_in(dir).unwrap();
-    let output = client("pgbench", port)
-        .args(["-n", "-T", &options.seconds.to_string(), "-l"])
+    let output = client("pgbench", port, tls)
+        .args(["-n", "-T", &seconds.to_string(), "-l"])
         .arg(format!("--log-prefix={}/tx", logs.path().display()))
         .args(args)
         .arg("postgres")
@@ -414,7 +586,10 @@ fn pgbench(port: u16, args: &[&str], options: &Options, dir: &Path) -> Pgbench {
         );
     }
     latencies.sort_unstable();
-    assert!(!latencies.is_empty(), "pgbench logged no transactions");
+    assert!(
+        !latencies.is_empty(),
+        "pgbench {args:?} through {port} logged no transactions: {stdout}"
+    );
     let percentile = |p: f64| {
         let index = ((latencies.len() - 1) as f64 * p).round() as usize;
         latencies[index] as f64 / 1e3
@@ -455,7 +630,7 @@ async fn first_query(port: u16, spawned: Instant) -> Duration {
 /// slowest of those probes. A tunnel whose connections share one flow-control window makes them
 /// wait for the stalled client.
 async fn probe_beside_a_stalled_client(port: u16, options: &Options) -> Duration {
-    let mut stalled = client("psql", port)
+    let mut stalled = client("psql", port, false)
         .args(["-X", "-q", "-d", "postgres", "-c"])
         .arg("copy (select repeat('x', 200) || g from generate_series(1, 2000000) g) to stdout")
         .stdout(Stdio::piped())
@@ -509,39 +684,60 @@ async fn hold_connections(port: u16, count: usize, running: &Running) -> f64 {
     rss
 }
 
-enum Running {
+/// A contender, started.
+struct Running {
+    spawned: Instant,
+    tunnel: Contended,
+}
+
+enum Contended {
     Direct(u16),
     Ssh(SshForward),
     Bpg { port: u16, tunnel: Tunnel },
 }
 
 impl Running {
-    /// autossh + ssh exactly as the old script ran them.
-    fn ssh(lab: &Lab) -> Running {
-        Running::Ssh(SshForward::start(lab, lab.sshd.port))
+    fn direct(port: u16) -> Running {
+        Running {
+            spawned: Instant::now(),
+            tunnel: Contended::Direct(port),
+        }
     }
 
-    fn bpg(lab: &Lab) -> Running {
+    /// autossh + ssh exactly as the old script ran them, to sshd at 127.0.0.1:`ssh_port`.
+    fn ssh(lab: &Lab, ssh_port: u16) -> Running {
+        Running {
+            spawned: Instant::now(),
+            tunnel: Contended::Ssh(SshForward::start(lab, ssh_port)),
+        }
+    }
+
+    fn bpg(lab: &Lab, ssh_port: u16) -> Running {
+        let spawned = Instant::now();
         let mut attachment = lab.attachment("DATABASE");
         attachment.set("BPG_TUNNEL_LOG", "info");
+        attachment.set_conn_info("SSH_PORT", &ssh_port.to_string());
         let port = attachment.writer_port;
         let tunnel = Tunnel::spawn(attachment.vars.iter(), &[]);
-        Running::Bpg { port, tunnel }
+        Running {
+            spawned,
+            tunnel: Contended::Bpg { port, tunnel },
+        }
     }
 
     fn port(&self) -> u16 {
-        match self {
-            Running::Direct(port) | Running::Bpg { port, .. } => *port,
-            Running::Ssh(forward) => forward.port,
+        match &self.tunnel {
+            Contended::Direct(port) | Contended::Bpg { port, .. } => *port,
+            Contended::Ssh(forward) => forward.port,
         }
     }
 
     /// Every process the tunnel consists of (autossh and its ssh, or bpg-tunnel).
     fn pids(&self) -> Vec<i32> {
-        match self {
-            Running::Direct(_) => vec![],
-            Running::Ssh(forward) => forward.pids(),
-            Running::Bpg { tunnel, .. } => vec![tunnel.pid()],
+        match &self.tunnel {
+            Contended::Direct(_) => vec![],
+            Contended::Ssh(forward) => forward.pids(),
+            Contended::Bpg { tunnel, .. } => vec![tunnel.pid()],
         }
     }
 }
@@ -586,69 +782,97 @@ fn print_table(results: &Results, options: &Options) {
         .max()
         .unwrap_or(0);
     println!(
-        "\nmedians over {} round(s); bpg/ssh is bpg-tunnel divided by ssh -L\n",
+        "\nmedians over {} round(s); bpg/ssh is bpg-tunnel divided by ssh -L; a goal marked \
+         \"of direct\" divides by the direct connection, one in kB is for the figure itself",
         options.rounds
     );
-    println!(
-        "| {:width$} | {:>9} | {:>9} | {:>10} | {:>7} | {:>8} |",
-        "metric", "direct", "ssh -L", "bpg-tunnel", "bpg/ssh", "target"
-    );
-    println!(
-        "|{}|{}|{}|{}|{}|{}|",
-        "-".repeat(width + 2),
-        "-".repeat(11),
-        "-".repeat(11),
-        "-".repeat(12),
-        "-".repeat(9),
-        "-".repeat(10)
-    );
-    for metric in Metric::ALL {
-        let cell = |contender| {
-            results
-                .get(&(metric, contender))
-                .map(|values| median(values))
-        };
-        let show = |value: Option<f64>| match value {
-            Some(v) if v >= 100.0 => format!("{v:.0}"),
-            Some(v) if v >= 10.0 => format!("{v:.1}"),
-            Some(v) => format!("{v:.2}"),
-            None => "-".into(),
-        };
-        let (ssh, bpg) = (cell(Contender::Ssh), cell(Contender::Bpg));
-        // A smoke run's few MB can cost ssh under one clock tick of CPU: no ratio to 0.
-        let ratio = ssh.zip(bpg).map(|(s, b)| b / s).filter(|r| r.is_finite());
-        let target = match (metric.target(), ratio) {
-            (Some((goal, higher)), Some(r)) => {
-                let met = if higher { r >= goal } else { r <= goal };
-                format!(
-                    "{}{goal} {}",
-                    if higher { "≥" } else { "≤" },
-                    if met { "ok" } else { "MISS" }
-                )
-            }
-            _ => String::new(),
-        };
+    for route in Route::ALL {
+        println!("\n{}\n", route.label());
         println!(
-            "| {:width$} | {:>9} | {:>9} | {:>10} | {:>7} | {:>8} |",
-            metric.label(options),
-            show(cell(Contender::Direct)),
-            show(ssh),
-            show(bpg),
-            ratio.map(|r| format!("{r:.2}x")).unwrap_or_default(),
-            target
+            "| {:width$} | {:>9} | {:>9} | {:>10} | {:>7} | {:>16} |",
+            "metric", "direct", "ssh -L", "bpg-tunnel", "bpg/ssh", "goal"
         );
+        println!(
+            "|{}|{}|{}|{}|{}|{}|",
+            "-".repeat(width + 2),
+            "-".repeat(11),
+            "-".repeat(11),
+            "-".repeat(12),
+            "-".repeat(9),
+            "-".repeat(18)
+        );
+        for &metric in route.metrics() {
+            let cell = |contender| {
+                results
+                    .get(&(route, metric, contender))
+                    .map(|values| median(values))
+            };
+            let show = |value: Option<f64>| match value {
+                Some(v) if v >= 100.0 => format!("{v:.0}"),
+                Some(v) if v >= 10.0 => format!("{v:.1}"),
+                Some(v) => format!("{v:.2}"),
+                None => "-".into(),
+            };
+            let (direct, ssh, bpg) = (
+                cell(Contender::Direct),
+                cell(Contender::Ssh),
+                cell(Contender::Bpg),
+            );
+            // A smoke run's few MB can cost ssh under one clock tick of CPU: no ratio to 0.
+            let over = |base: Option<f64>| {
+                base.zip(bpg)
+                    .map(|(base, b)| b / base)
+                    .filter(|r| r.is_finite())
+            };
+            let ratio = over(ssh);
+            let goal = route.target(metric).and_then(|target| {
+                let (value, unit) = match target.against {
+                    Against::Ssh => (ratio?, "x"),
+                    Against::Direct => (over(direct)?, "x of direct"),
+                    Against::Nothing => (bpg?, " kB"),
+                };
+                let met = if target.higher {
+                    value >= target.goal
+                } else {
+                    value <= target.goal
+                };
+                Some(format!(
+                    "{}{}{unit} {}",
+                    if target.higher { "≥" } else { "≤" },
+                    target.goal,
+                    if met {
+                        "ok".to_owned()
+                    } else if target.against == Against::Direct {
+                        format!("MISS ({value:.2}x)")
+                    } else {
+                        "MISS".to_owned()
+                    }
+                ))
+            });
+            println!(
+                "| {:width$} | {:>9} | {:>9} | {:>10} | {:>7} | {:>16} |",
+                metric.label(options),
+                show(direct),
+                show(ssh),
+                show(bpg),
+                ratio.map(|r| format!("{r:.2}x")).unwrap_or_default(),
+                goal.unwrap_or_default()
+            );
+        }
     }
     if !options.smoke {
         return;
     }
     // The smoke run checks that every row was measured, not how fast anything was.
-    for metric in Metric::ALL {
-        for contender in [Contender::Ssh, Contender::Bpg] {
-            assert!(
-                results.contains_key(&(metric, contender)),
-                "no {metric:?} for {}",
-                contender.label()
-            );
+    for route in Route::ALL {
+        for &metric in route.metrics() {
+            for contender in [Contender::Ssh, Contender::Bpg] {
+                assert!(
+                    results.contains_key(&(route, metric, contender)),
+                    "no {metric:?} on {route:?} for {}",
+                    contender.label()
+                );
+            }
         }
     }
 }

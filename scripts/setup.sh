@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, and nothing when it is already there:
 # OpenSSH's sshd, ssh and ssh-keygen, autossh, PostgreSQL's server binaries, psql and pgbench,
-# nftables, iproute2's ss, strace;
+# nftables, iproute2's ss, strace, fail2ban (its fail2ban-regex);
 # then the toolchain and targets of the release build (scripts/toolchain.sh), the patched
 # russh the build needs (scripts/patch-russh.sh), and cargo-deny, which checks the dependency
 # tree's licenses, sources and bans (deny.toml).
@@ -22,6 +22,8 @@ command -v ss >/dev/null || need+=(iproute2)
 command -v strace >/dev/null || need+=(strace)
 # The benchmark's baseline is the old buildpack's autossh + ssh -L.
 command -v autossh >/dev/null || need+=(autossh)
+# The fleet tests run fail2ban's sshd filter over the lab sshd's log, as the add-on's server does.
+command -v fail2ban-regex >/dev/null || need+=(fail2ban)
 
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

@@ -38,7 +38,7 @@ cargo test --locked --features test-api-ca --lib --bins --test tunnel --test che
 echo "-----> end-to-end and install tests (static release binary: $release_bin)"
 BPG_TUNNEL_BIN="$release_bin" BPG_TUNNEL_DIST="$release_tarball" \
   BPG_TUNNEL_DIST_AARCH64="$arm64_tarball" BPG_TUNNEL_BUILDPACK="$buildpack_tgz" \
-  cargo test --locked --test tunnel --test check --test flow_control --test lifecycle --test secrets --test operability --test health --test hostile_server --test faults --test buildpack 2>&1 | tee -a "$log"
+  cargo test --locked --test tunnel --test check --test flow_control --test lifecycle --test secrets --test operability --test health --test hostile_server --test faults --test fleet --test buildpack 2>&1 | tee -a "$log"
 # Of the private-app tests, the one about the release build itself: it must not trust the tests' CA.
 BPG_TUNNEL_BIN="$release_bin" \
   cargo test --locked --test private_app -- --exact the_tests_api_ca_is_trusted_by_test_builds_only 2>&1 | tee -a "$log"

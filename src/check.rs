@@ -316,6 +316,7 @@ async fn check_ssh(addon: &Addon, check: &CheckSettings, report: &mut Report) {
             let took = Some(started.elapsed());
             let (step, advice) = match &error {
                 SessionError::Connect { .. } => (Step::Tcp, "the server stopped accepting connections between two steps: retry"),
+                SessionError::ClosedBeforeGreeting { .. } => (Step::Handshake, "the server took the connection and closed it before its SSH greeting, as sshd does when too many clients are in their handshakes at once (after the server restarted, say): retry in a few seconds; if it persists, check SSH_HOST and SSH_PORT in the conn-info"),
                 SessionError::Timeout { .. } | SessionError::Protocol { .. } => (Step::Handshake, "something answers at SSH_HOST:SSH_PORT but did not complete an SSH handshake: check both in the conn-info, and retry"),
                 SessionError::HostKeyMismatch { .. } => (Step::HostKey, "the server's host key is not SSH_PUBLIC_HOST_KEY: if the add-on replaced its server, the variable is stale (attach the add-on again to refresh it); otherwise something else answers at that address, and nothing should be sent through it"),
                 SessionError::AuthRejected { .. } => (Step::KeyAccepted, "the server refused SSH_USER_PRIVATE_KEY for SSH_USERNAME: the add-on may have replaced this app's key (attach the add-on again to refresh it)"),

@@ -43,3 +43,7 @@ mod tls_roots;
 
 pub use config::conn_info::ConnInfo;
 pub use engine::runtime;
+/// The pauses after rejections, which tests/fleet.rs holds against fail2ban with what it
+/// measures on a real sshd.
+#[doc(hidden)]
+pub use supervisor::{auth_failure_pause, most_attempts_within, DEFAULT_AUTH_FAILURE_DELAY};

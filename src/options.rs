@@ -74,11 +74,13 @@ pub struct Options {
     )]
     reconnect_max_delay: OsString,
 
-    /// Pause after the server rejects our key or presents the wrong host key (it runs fail2ban).
+    /// First pause after the server rejects our key or presents the wrong host key, doubling up
+    /// to 10 minutes. The server runs fail2ban (5 failures in 10 minutes ban the address): from
+    /// 41 s up, 4 attempts at most fall within any 10 minutes.
     #[arg(
         long,
         env = "BPG_TUNNEL_AUTH_FAILURE_DELAY",
-        default_value = "30s",
+        default_value = "60s",
         value_name = "DURATION"
     )]
     auth_failure_delay: OsString,
@@ -598,6 +600,11 @@ mod tests {
         assert_eq!(settings.lifecycle.grace, Duration::from_secs(2));
         assert_eq!(settings.engine.supervisor.session.keepalive_count, 3);
         assert_eq!(settings.log, "info");
+        // What the fail2ban bound is computed from (supervisor.rs, tests/fleet.rs).
+        assert_eq!(
+            settings.engine.supervisor.auth_failure_delay,
+            crate::supervisor::DEFAULT_AUTH_FAILURE_DELAY
+        );
     }
 
     #[test]

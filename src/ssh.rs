@@ -38,13 +38,27 @@ const SOCKET_READ_BUFFER: usize = 64 * 1024;
 /// channel window (and russh's default, set here so the figure below stays true). It is the most
 /// data a stalled client makes us hold (20 stalled clients: 42 MB of data, 43 MB of RSS measured),
 /// and bounds one connection's download at window / round trip: 2 GB/s at the 1 ms between a
-/// dyno and a server in its region, 20 MB/s at 100 ms.
+/// dyno and a server in its region, 20 MB/s at 100 ms. Larger windows were measured against
+/// OpenSSH 9.2 (docs/performance.md): across a 40 ms round trip they help (a window that grew to
+/// 8 MiB for a client that kept up: COPY 44 to 73 MB/s), but sshd reads ahead into its channel
+/// buffer as far as a window lets it and spends its CPU moving and wiping that buffer, so on
+/// loopback the same COPY fell from 266 to 159 MB/s. A window sized to the round trip is the
+/// way there; a fixed or merely reader-paced larger one is not.
 const CHANNEL_WINDOW: u32 = 2 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("could not connect to {server}: {source}")]
     Connect { server: String, source: io::Error },
+    /// sshd closes a connection at once, before its version line, when more handshakes than its
+    /// `MaxStartups` are under way (OpenSSH 8 and later first write "Exceeded MaxStartups"): the
+    /// connection cost it nothing, so it can be retried soon.
+    #[error("{server} closed the connection before its SSH greeting{}: sshd does this past its MaxStartups limit, when many clients are in their handshakes at once; retrying soon", said_suffix(.said))]
+    ClosedBeforeGreeting {
+        server: String,
+        /// What it wrote instead, if anything (printable characters only, shortened).
+        said: String,
+    },
     #[error("{server} did not complete the SSH handshake and authentication within {timeout:?}")]
     Timeout { server: String, timeout: Duration },
     #[error("{server} presented host key {presented}, but SSH_PUBLIC_HOST_KEY is {expected}; refusing to forward anything through it")]
@@ -63,6 +77,56 @@ pub enum SessionError {
     Sha1Only { server: String, what: &'static str },
     #[error("SSH session with {server} failed: {source}")]
     Protocol { server: String, source: ClientError },
+}
+
+fn said_suffix(said: &str) -> String {
+    if said.is_empty() {
+        String::new()
+    } else {
+        format!(" (it said {said:?})")
+    }
+}
+
+/// What the server sent before its SSH version line: RFC 4253 lets it send other lines first,
+/// and sshd past MaxStartups sends one ("Exceeded MaxStartups") and closes.
+#[derive(Default)]
+struct BeforeGreeting {
+    /// The version line came, or more than [`BEFORE_GREETING_LIMIT`] bytes without one: the
+    /// server is past the point where closing cost it nothing.
+    past: AtomicBool,
+    text: Mutex<Vec<u8>>,
+}
+
+/// More than this many bytes without a version line is not sshd turning us away.
+const BEFORE_GREETING_LIMIT: usize = 1024;
+
+impl BeforeGreeting {
+    /// Takes the next bytes read from the server, until the version line.
+    fn read(&self, bytes: &[u8]) {
+        let Ok(mut text) = self.text.lock() else {
+            return;
+        };
+        text.extend_from_slice(bytes);
+        let greeted = text.starts_with(b"SSH-") || text.windows(5).any(|w| w == b"\nSSH-");
+        if greeted || text.len() > BEFORE_GREETING_LIMIT {
+            self.past.store(true, Ordering::Release);
+            text.clear();
+        }
+    }
+
+    /// What it said, if the server closed before its greeting.
+    fn closed_before(&self) -> Option<String> {
+        if self.past.load(Ordering::Acquire) {
+            return None;
+        }
+        let text = self.text.lock().ok()?;
+        let said: String = String::from_utf8_lossy(&text)
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(100)
+            .collect();
+        Some(said.trim().to_owned())
+    }
 }
 
 /// What ends a session from our side of it: russh's errors, and a server breaking the protocol
@@ -90,6 +154,24 @@ impl ClientError {
 }
 
 impl SessionError {
+    /// The attempt cost the server nothing: the kernel refused the connection (nothing listens
+    /// on the port, so the server is down or restarting), the network said it cannot reach it,
+    /// or sshd closed it before its greeting. Such attempts may be repeated every second or so
+    /// for as long as the server is away, so that the tunnel is back as soon as it is; what
+    /// costs the server a handshake backs off instead.
+    pub fn cost_the_server_nothing(&self) -> bool {
+        match self {
+            SessionError::Connect { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+            ),
+            SessionError::ClosedBeforeGreeting { .. } => true,
+            _ => false,
+        }
+    }
+
     /// The server refused us on purpose: retrying quickly will not help and may trip fail2ban.
     pub fn is_rejection(&self) -> bool {
         matches!(
@@ -194,9 +276,11 @@ impl Session {
             server_opens_refused,
             _closed_on_drop: closed.clone().drop_guard(),
         };
+        let before_greeting = Arc::new(BeforeGreeting::default());
         let stream = CountingStream {
             inner: tcp,
             bytes_in: bytes_in.clone(),
+            before_greeting: Some(before_greeting.clone()),
         };
         // russh reads each packet in two calls (its length, then the rest): buffered, one
         // recvfrom usually brings several packets.
@@ -218,6 +302,15 @@ impl Session {
             Err(error) => {
                 // Stops russh's session task, which may be blocked on the socket.
                 let _ = socket.shutdown(std::net::Shutdown::Both);
+                // The server closed or reset the connection before its version line, which is
+                // what sshd does past MaxStartups: no key exchange, nothing it paid for. (A
+                // timeout stays a timeout: a server that accepts and says nothing may be
+                // overloaded.)
+                if matches!(error, SessionError::Protocol { .. }) {
+                    if let Some(said) = before_greeting.closed_before() {
+                        return Err(SessionError::ClosedBeforeGreeting { server: name, said });
+                    }
+                }
                 Err(error)
             }
         }
@@ -684,6 +777,8 @@ impl client::Handler for Client {
 struct CountingStream {
     inner: TcpStream,
     bytes_in: Arc<AtomicU64>,
+    /// Until the server's version line: dropped then, so that every later read pays nothing.
+    before_greeting: Option<Arc<BeforeGreeting>>,
 }
 
 impl AsyncRead for CountingStream {
@@ -697,6 +792,13 @@ impl AsyncRead for CountingStream {
         let read = buf.filled().len() - before;
         if read > 0 {
             self.bytes_in.fetch_add(read as u64, Ordering::Relaxed);
+            let past = self.before_greeting.as_ref().map(|greeting| {
+                greeting.read(&buf.filled()[before..]);
+                greeting.past.load(Ordering::Acquire)
+            });
+            if past == Some(true) {
+                self.before_greeting = None;
+            }
             // sshd leaves Nagle on for sessions without a terminal: it holds back a small packet
             // while an earlier one is unacknowledged, and Linux delays our ACK by up to 40 ms.
             // With several connections answering at once that stall hit most new connections
@@ -782,6 +884,39 @@ mod tests {
     // Throwaway public keys, generated for this test.
     const ECDSA_HOST_KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBOyRdN5UgeN5+GFwqM36FUjkuaxmI+S9fSuvVqallR1xTClBM4HaYSWssgWJ76NrIzPH62a7awt265JujsLC+18=";
     const RSA_HOST_KEY: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDWA/pmJpKy+erjYuZYL3d62y5Dx62UGnvXldxmWTh9IMD2vMMHlMfrpFiQOxbMVg1KHA687tiy5LHEC+AqcirLKQx3W0nGAD3nwqM1entgCnb3Snb+GFSlIbTY6Sz+K4eOKXUB5Bg8H2VBSL8pqDjCxh8N0h/mqeQ04nqN4MMhGw==";
+
+    #[test]
+    fn what_a_server_says_before_its_greeting_is_kept_until_the_version_line() {
+        // sshd past MaxStartups.
+        let dropped = BeforeGreeting::default();
+        dropped.read(b"Exceeded Max");
+        dropped.read(b"Startups\r\n");
+        assert_eq!(
+            dropped.closed_before().as_deref(),
+            Some("Exceeded MaxStartups")
+        );
+        assert_eq!(
+            BeforeGreeting::default().closed_before().as_deref(),
+            Some("")
+        );
+        // A version line, split across reads, after another line as RFC 4253 allows.
+        let greeted = BeforeGreeting::default();
+        greeted.read(b"hello\r\nSS");
+        greeted.read(b"H-2.0-OpenSSH_9.2\r\n");
+        assert_eq!(greeted.closed_before(), None);
+        // A flood without one is not sshd turning us away.
+        let chatty = BeforeGreeting::default();
+        chatty.read(&[b'x'; BEFORE_GREETING_LIMIT + 1]);
+        assert_eq!(chatty.closed_before(), None);
+        let error = SessionError::ClosedBeforeGreeting {
+            server: "ssh.example.com:22".into(),
+            said: "Exceeded MaxStartups".into(),
+        };
+        assert!(error.cost_the_server_nothing());
+        assert!(error
+            .to_string()
+            .starts_with("ssh.example.com:22 closed the connection before its SSH greeting (it said \"Exceeded MaxStartups\"): sshd does this past its MaxStartups limit"));
+    }
 
     /// Reordering must never change what can be negotiated: if a russh upgrade changes its
     /// default list, this fails and the list above needs a look.

@@ -22,14 +22,7 @@ const FAST: [&str; 6] = [
 const CLIENTS: usize = 16;
 
 /// One row at a time: each puts a load on the machine, and its timings are the figures.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    eprintln!("binary under test: {}", support::tunnel_binary().display());
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use support::one_at_a_time;
 
 /// The lab's attachment with its SSH session through a fault relay, and the tunnel serving it.
 fn through_relay(lab: &support::Lab) -> (support::Attachment, Relay, Tunnel) {

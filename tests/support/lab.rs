@@ -9,8 +9,13 @@ use super::{free_port, KeyKind, KeyPair, Postgres, Sshd, Tools, DB_PASSWORD};
 /// Returns the lab, or `None` (after saying why) when its servers are not installed and this is
 /// not CI. Use as `let Some(lab) = support::lab() else { return };`.
 pub fn lab() -> Option<Lab> {
+    tools().map(Lab::start)
+}
+
+/// The lab's server binaries, or `None` as for [`lab`], for a test that starts its own servers.
+pub fn tools() -> Option<Tools> {
     match Tools::find() {
-        Ok(tools) => Some(Lab::start(tools)),
+        Ok(tools) => Some(tools),
         Err(missing) => {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("CI=true but the test lab cannot run: {missing}");
@@ -19,6 +24,39 @@ pub fn lab() -> Option<Lab> {
             None
         }
     }
+}
+
+/// An attachment whose one forward (the writer, on a fresh local port) goes through `sshd` to
+/// 127.0.0.1:`port`, whatever listens there; `sshd` must permit it.
+pub fn attachment_to(sshd: &Sshd, client_key: &KeyPair, prefix: &str, port: u16) -> Attachment {
+    let writer_port = free_port();
+    let conn_info = [
+        ("SSH_HOST", "127.0.0.1".to_owned()),
+        ("SSH_PORT", sshd.port.to_string()),
+        ("SSH_USERNAME", sshd.user.clone()),
+        ("SSH_USER_PRIVATE_KEY", client_key.private.clone()),
+        ("SSH_PUBLIC_HOST_KEY", sshd.host_key.public.clone()),
+        ("POSTGRES_WRITER_HOST", "127.0.0.1".to_owned()),
+        ("POSTGRES_PORT", port.to_string()),
+        ("POSTGRES_DB_NAME", "postgres".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut vars = BTreeMap::new();
+    vars.insert(
+        format!("{prefix}_URL"),
+        format!("postgres://postgres:unused@127.0.0.1:{writer_port}/postgres"),
+    );
+    let mut attachment = Attachment {
+        prefix: prefix.to_owned(),
+        writer_port,
+        reader_port: None,
+        vars,
+        conn_info,
+    };
+    attachment.render_conn_info();
+    attachment
 }
 
 pub struct Lab {

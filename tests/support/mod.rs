@@ -16,6 +16,7 @@
 //! - [`old_tunnel`]: autossh + `ssh -L` as the old buildpack ran them, the yardstick.
 //! - [`api`]: a fake of the add-on's HTTP API, for private-app-tunnel mode.
 //! - [`rogue`]: an SSH server that breaks the protocol on purpose (russh's, patched for it).
+//! - [`fail2ban`]: what the add-on's fail2ban would find in the lab sshd's log.
 //!
 //! Under `CI=true` a missing server binary fails the test; elsewhere the test is skipped with a
 //! message.
@@ -23,6 +24,7 @@
 
 pub mod api;
 pub mod client;
+pub mod fail2ban;
 pub mod lab;
 pub mod loss;
 pub mod old_tunnel;

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{descendants, die_with_parent, free_port, which, Lab};
+use super::{descendants, die_with_parent, free_port, which, KeyPair, Lab, Sshd};
 
 pub struct SshForward {
     /// The local end of `-L`, on 127.0.0.1.
@@ -19,14 +19,20 @@ impl SshForward {
     /// Forwards a fresh local port to the lab's PostgreSQL through the SSH server at
     /// 127.0.0.1:`ssh_port` (the lab's sshd, or a fault relay in front of it).
     pub fn start(lab: &Lab, ssh_port: u16) -> SshForward {
+        SshForward::start_to(&lab.sshd, &lab.client_key, ssh_port, lab.pg.port)
+    }
+
+    /// Forwards a fresh local port to 127.0.0.1:`target` (whatever listens there) through
+    /// `sshd`, reached at 127.0.0.1:`ssh_port`, logging in with `client_key`.
+    pub fn start_to(sshd: &Sshd, client_key: &KeyPair, ssh_port: u16, target: u16) -> SshForward {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("id");
-        std::fs::write(&key, &lab.client_key.private).unwrap();
+        std::fs::write(&key, &client_key.private).unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let known_hosts = dir.path().join("known_hosts");
         std::fs::write(
             &known_hosts,
-            format!("[127.0.0.1]:{ssh_port} {}\n", lab.sshd.host_key.public),
+            format!("[127.0.0.1]:{ssh_port} {}\n", sshd.host_key.public),
         )
         .unwrap();
         let port = free_port();
@@ -43,9 +49,12 @@ impl SshForward {
             .args(["-p", &ssh_port.to_string()])
             .arg("-i")
             .arg(&key)
-            .args(["-L", &format!("127.0.0.1:{port}:127.0.0.1:{}", lab.pg.port)])
-            .arg(format!("{}@127.0.0.1", lab.sshd.user))
+            .args(["-L", &format!("127.0.0.1:{port}:127.0.0.1:{target}")])
+            .arg(format!("{}@127.0.0.1", sshd.user))
             .env("AUTOSSH_PATH", which("ssh").expect("ssh is installed"))
+            // The script's `-f` set autossh's starting gate to 0: an ssh that fails at its
+            // first start is retried too, rather than ending autossh.
+            .env("AUTOSSH_GATETIME", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -2,6 +2,11 @@
 //! `netem`): latency, and a blackhole (nothing goes through either way, nothing is refused; TCP
 //! itself still connects and acknowledges, so it is the SSH layer that must notice). The idea
 //! of toxiproxy, in a few threads.
+//!
+//! Its sockets carry segments of a real network's size (`NETWORK_MSS`), not loopback's 64 KiB:
+//! sshd leaves Nagle's algorithm on, which holds back a write smaller than a segment while one
+//! is unacknowledged, and at loopback's size each 32 KiB SSH packet is such a write, which a
+//! network path never sees. Without the clamp the relay would throttle sshd by itself.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -9,6 +14,19 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// What a host on Ethernet advertises: the 1500-byte MTU less the IPv4 and TCP headers (with
+/// timestamps on, segments then carry 1448 bytes).
+const NETWORK_MSS: u32 = 1460;
+
+/// A TCP socket whose connections carry segments of at most `NETWORK_MSS` bytes (set on a
+/// listener, its connections inherit it).
+fn network_socket() -> socket2::Socket {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.set_tcp_mss(NETWORK_MSS).unwrap();
+    socket
+}
 
 #[derive(Default)]
 struct Faults {
@@ -28,7 +46,12 @@ pub struct Relay {
 impl Relay {
     /// Listens on a fresh 127.0.0.1 port and relays each connection to `target`.
     pub fn start(target: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = network_socket();
+        listener
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        listener.listen(128).unwrap();
+        let listener: TcpListener = listener.into();
         let port = listener.local_addr().unwrap().port();
         let faults = Arc::new(Faults::default());
         let shared = faults.clone();
@@ -38,9 +61,11 @@ impl Relay {
                     return;
                 }
                 let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(target) else {
+                let server = network_socket();
+                if server.connect(&target.into()).is_err() {
                     continue;
-                };
+                }
+                let server: TcpStream = server.into();
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 pipe(
@@ -118,30 +143,53 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, faults: &Arc<Faults>) {
             }
         }
     });
-    std::thread::spawn(move || loop {
-        let (at, chunk) = {
-            let (lock, ready) = &*queue;
-            let mut queued = lock.lock().unwrap();
-            while queued.is_empty() {
-                queued = ready.wait(queued).unwrap();
+    // Writes, at once, every chunk whose time has come: a sleep per chunk would cap the relay
+    // at a chunk per timer wake-up, well below what a bulk transfer needs.
+    std::thread::spawn(move || {
+        let mut batch = Vec::new();
+        loop {
+            let mut ended = false;
+            {
+                let (lock, ready) = &*queue;
+                let mut queued = lock.lock().unwrap();
+                while queued.is_empty() {
+                    queued = ready.wait(queued).unwrap();
+                }
+                let delay = Duration::from_millis(writer_faults.delay_ms.load(Ordering::Relaxed));
+                let due = queued.front().unwrap().0 + delay;
+                let now = Instant::now();
+                if due > now {
+                    drop(queued);
+                    std::thread::sleep(due - now);
+                    continue;
+                }
+                while let Some((at, _)) = queued.front() {
+                    if *at + delay > now || batch.len() >= 1 << 20 {
+                        break;
+                    }
+                    let (_, chunk) = queued.pop_front().unwrap();
+                    if chunk.is_empty() {
+                        ended = true;
+                        break;
+                    }
+                    batch.extend_from_slice(&chunk);
+                }
             }
-            queued.pop_front().unwrap()
-        };
-        let delay = Duration::from_millis(writer_faults.delay_ms.load(Ordering::Relaxed));
-        let due = at + delay;
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        while writer_faults.paused.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if chunk.is_empty() || writer_faults.closed.load(Ordering::Relaxed) {
-            let _ = to.shutdown(Shutdown::Write);
-            return;
-        }
-        if to.write_all(&chunk).is_err() {
-            return;
+            while writer_faults.paused.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if writer_faults.closed.load(Ordering::Relaxed) {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            if to.write_all(&batch).is_err() {
+                return;
+            }
+            batch.clear();
+            if ended {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
         }
     });
 }

@@ -1,13 +1,12 @@
 //! OpenSSH's sshd configured like the add-on's, and client keys of every kind it accepts.
 
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{descendants, die_with_parent, free_port, is_root, run, wait_for_port, Tools};
+use super::{descendants, die_with_parent, free_port, is_root, run, Tools};
 
 /// The login sshd accepts when the tests run as root (sshd refuses root itself).
 pub const SSH_USER_WHEN_ROOT: &str = "bpgtunnel";
@@ -82,6 +81,27 @@ pub fn keygen(tools: &Tools, dir: &Path, name: &str, args: &[&str]) -> KeyPair {
     }
 }
 
+/// How the lab's sshd differs from the add-on's defaults where a test needs the defaults. sshd
+/// takes the first occurrence of a keyword, so these cannot be appended with `configure`.
+#[derive(Clone, Copy, Debug)]
+pub struct SshdOptions {
+    /// `MaxStartups`, or `None` for OpenSSH's default (10:30:100), as the add-on's server has.
+    pub max_startups: Option<&'static str>,
+    /// `LogLevel`: VERBOSE logs each connection, which fail2ban's sshd filter expects; INFO is
+    /// OpenSSH's default.
+    pub log_level: &'static str,
+}
+
+impl Default for SshdOptions {
+    /// Room for every test's concurrent handshakes, and each connection logged.
+    fn default() -> SshdOptions {
+        SshdOptions {
+            max_startups: Some("200"),
+            log_level: "VERBOSE",
+        }
+    }
+}
+
 pub struct Sshd {
     pub port: u16,
     pub user: String,
@@ -96,6 +116,7 @@ pub struct Sshd {
     extra_config: String,
     /// Forwarding targets allowed beyond the database's.
     more_targets: Vec<String>,
+    options: SshdOptions,
 }
 
 fn ssh_login_user() -> String {
@@ -146,6 +167,10 @@ fn ssh_login_user() -> String {
 
 impl Sshd {
     pub fn start(tools: &Tools, pg_port: u16) -> Sshd {
+        Sshd::start_with(tools, pg_port, SshdOptions::default())
+    }
+
+    pub fn start_with(tools: &Tools, pg_port: u16, options: SshdOptions) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("bpg-sshd-")
             .tempdir()
@@ -169,6 +194,7 @@ impl Sshd {
             more_host_keys: Vec::new(),
             extra_config: String::new(),
             more_targets: Vec::new(),
+            options,
         };
         sshd.write_config();
         sshd.restart();
@@ -199,11 +225,16 @@ X11Forwarding no
 PermitTTY no
 PermitTunnel no
 ForceCommand /bin/false
-MaxStartups 200
-MaxSessions 1000
-LogLevel VERBOSE
+{max_startups}MaxSessions 1000
+LogLevel {log_level}
 ",
             port = self.port,
+            max_startups = self
+                .options
+                .max_startups
+                .map(|value| format!("MaxStartups {value}\n"))
+                .unwrap_or_default(),
+            log_level = self.options.log_level,
             user = self.user,
             more_targets = self
                 .more_targets
@@ -271,8 +302,9 @@ LogLevel VERBOSE
         pair
     }
 
-    /// Starts (again) on the same port with the same host key.
+    /// Starts (again) on the same port with the same host key, and returns once it listens.
     pub fn restart(&mut self) {
+        let listening_before = self.times_listening();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -290,18 +322,36 @@ LogLevel VERBOSE
         die_with_parent(&mut command);
         let child = command.spawn().expect("start sshd");
         self.child = Some(child);
-        assert!(
-            wait_for_port(
-                SocketAddr::from(([127, 0, 0, 1], self.port)),
-                Duration::from_secs(10)
-            ),
-            "sshd did not start: {}",
-            self.log()
-        );
+        // Its own line says when it listens. A test connection would say so too, but sshd logs
+        // one that sends nothing as a failure fail2ban counts, which tests/fleet.rs looks for.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.times_listening() == listening_before {
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How many times the log says sshd started listening (it logs this at INFO and above).
+    fn times_listening(&self) -> usize {
+        self.log()
+            .matches(&format!(
+                "Server listening on 127.0.0.1 port {}.",
+                self.port
+            ))
+            .count()
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+
+    /// The log from byte `from` on (an earlier `log().len()`).
+    pub fn log_since(&self, from: usize) -> String {
+        self.log().get(from..).unwrap_or_default().to_owned()
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -347,3 +347,13 @@ pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .find_map(|pair| pair.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
+
+/// For a test binary whose tests time what they measure: holds the others off while held, and
+/// says which binary is under test.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    eprintln!("binary under test: {}", tunnel_binary().display());
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
