@@ -2,7 +2,8 @@
 # Benchmarks bpg-tunnel (the static release binary) against OpenSSH `ssh -L` under autossh, the
 # way the old buildpack script ran it, through the same sshd to the same PostgreSQL, both started
 # on loopback like the tests' lab. Prints a table of medians with bpg-tunnel / ssh ratios.
-#   scripts/bench.sh            full run: 5 rounds on four routes, about 25 minutes
+#   scripts/bench.sh            full run: 5 rounds on four routes (about 20 minutes), then the
+#                               fleet and the long fault rows
 #   scripts/bench.sh --smoke    one short round that checks every figure is measured (CI)
 # The full run ends with a fleet of 100 tunnels beside 100 of the old script's (tests/fleet.rs),
 # and the long versions of the fault rows (tests/faults.rs): a 60 s blackhole,

@@ -171,7 +171,8 @@ impl Supervisor {
                     if closed && closed_in_a_row <= BUSY_RETRIES {
                         free_retry_delay(BUSY_RETRY, cap)
                     } else if closed {
-                        backoff.next_delay()
+                        // Never sooner than while it looked busy.
+                        backoff.next_delay().max(BUSY_RETRY)
                     } else if error.cost_the_server_nothing() {
                         free_retry_delay(FREE_RETRY, cap)
                     } else {
