@@ -300,14 +300,16 @@ fn main() {
             (route, (to_sshd, to_pg))
         })
         .collect();
+    // Where a route's tunnels find sshd, and its direct clients PostgreSQL.
+    let ports = |route: Route| match relays.get(&route) {
+        Some((to_sshd, to_pg)) => (to_sshd.port, to_pg.port),
+        None => (lab.sshd.port, lab.pg.port),
+    };
     if options.lab {
         // Both tunnels on loopback and through each delaying relay, left running.
         let mut running = Vec::new();
         for route in [Route::Tls, Route::Tls1ms, Route::Tls20ms] {
-            let (ssh_port, pg_port) = match relays.get(&route) {
-                Some((to_sshd, to_pg)) => (to_sshd.port, to_pg.port),
-                None => (lab.sshd.port, lab.pg.port),
-            };
+            let (ssh_port, pg_port) = ports(route);
             let ssh = Running::ssh(&lab, ssh_port);
             let bpg = Running::bpg(&lab, ssh_port);
             for started in [&ssh, &bpg] {
@@ -330,10 +332,7 @@ fn main() {
     let mut results = Results::new();
     for round in 0..options.rounds {
         for route in Route::ALL {
-            let (ssh_port, pg_port) = match relays.get(&route) {
-                Some((to_sshd, to_pg)) => (to_sshd.port, to_pg.port),
-                None => (lab.sshd.port, lab.pg.port),
-            };
+            let (ssh_port, pg_port) = ports(route);
             let order = if round % 2 == 0 {
                 [Contender::Direct, Contender::Ssh, Contender::Bpg]
             } else {
@@ -819,10 +818,11 @@ fn print_table(results: &Results, options: &Options) {
                 cell(Contender::Bpg),
             );
             // A smoke run's few MB can cost ssh under one clock tick of CPU: no ratio to 0.
+            // A figure under one clock tick is recorded as the smallest positive number.
             let over = |base: Option<f64>| {
-                base.zip(bpg)
+                base.filter(|base| *base > f64::MIN_POSITIVE)
+                    .zip(bpg)
                     .map(|(base, b)| b / base)
-                    .filter(|r| r.is_finite())
             };
             let ratio = over(ssh);
             let goal = route.target(metric).and_then(|target| {

@@ -12,6 +12,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use support::fail2ban::{self, FINDTIME_SECS, MAXRETRY, MODES};
@@ -27,6 +28,13 @@ const T: Duration = Duration::from_secs(60);
 
 /// One test at a time: the fleet's figures are timings, and 100 processes are a load.
 use support::one_at_a_time;
+
+/// What the fail2ban tests need: their turn, the lab's server binaries and `fail2ban-regex`;
+/// `None` (after saying why) where a tool is missing outside CI.
+fn fail2ban_lab() -> Option<(std::sync::MutexGuard<'static, ()>, support::Tools, PathBuf)> {
+    let one = one_at_a_time();
+    Some((one, support::tools()?, fail2ban::fail2ban_regex()?))
+}
 
 /// An echo server on 127.0.0.1, for as long as the test runs; its port.
 fn echo_server() -> u16 {
@@ -284,11 +292,7 @@ fn run_fleet(tools: &support::Tools, old_script: bool, budget: Duration) -> Vec<
 /// with that build only (`BPG_TUNNEL_BIN`).
 #[test]
 fn a_fleet_of_100_is_back_within_2_s_of_the_servers_return_and_fail2ban_finds_nothing() {
-    let _one = one_at_a_time();
-    let Some(tools) = support::tools() else {
-        return;
-    };
-    let Some(fail2ban_regex) = fail2ban::fail2ban_regex() else {
+    let Some((_one, tools, fail2ban_regex)) = fail2ban_lab() else {
         return;
     };
     let scenarios = run_fleet(&tools, false, T);
@@ -327,11 +331,7 @@ fn a_fleet_of_100_is_back_within_2_s_of_the_servers_return_and_fail2ban_finds_no
 #[test]
 #[ignore = "a benchmark row: scripts/bench.sh runs it"]
 fn fleet_beside_the_old_script() {
-    let _one = one_at_a_time();
-    let Some(tools) = support::tools() else {
-        return;
-    };
-    let Some(fail2ban_regex) = fail2ban::fail2ban_regex() else {
+    let Some((_one, tools, fail2ban_regex)) = fail2ban_lab() else {
         return;
     };
     // autossh's own backoff grows to minutes after repeated failures: what it has not done
@@ -418,11 +418,7 @@ fn report(label: &str, scenario: &str, times: &[(Duration, usize)], log: &str, t
 /// daemon follows at its defaults, fewer than 5 fall within any 10 minutes.
 #[test]
 fn a_wrong_key_or_host_key_makes_fewer_than_5_fail2ban_failures_in_any_10_minutes() {
-    let _one = one_at_a_time();
-    let Some(tools) = support::tools() else {
-        return;
-    };
-    let Some(fail2ban_regex) = fail2ban::fail2ban_regex() else {
+    let Some((_one, tools, fail2ban_regex)) = fail2ban_lab() else {
         return;
     };
     let echo = echo_server();
