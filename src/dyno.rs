@@ -30,6 +30,10 @@ pub struct Dyno {
 
 impl Dyno {
     /// Reads `DYNO` and `HEROKU_DYNO_ID`; draws the instance when there is no dyno id.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the platform's variables are this module's to read"
+    )]
     pub fn from_env() -> Dyno {
         let var = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_owned());
         Dyno::from_vars(var("DYNO"), var("HEROKU_DYNO_ID"), host_name, random_uuid)

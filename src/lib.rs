@@ -36,6 +36,7 @@ pub mod options;
 mod pg_tls;
 mod private_app;
 mod ssh;
+mod state_dir;
 mod stats;
 pub mod status;
 mod supervisor;

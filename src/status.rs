@@ -24,8 +24,8 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::lifecycle::{check_private, private_dir, state_dirs};
 use crate::logfmt::escape_controls;
+use crate::state_dir::{check_private, private_dir, state_dirs};
 use crate::stats::{rss_bytes, Phase, Stats};
 
 const SOCKET_NAME: &str = "bpg-tunnel.sock";

@@ -20,8 +20,6 @@ mod pidfile;
 pub mod run;
 mod signals;
 
-pub(crate) use pidfile::{check_private, private_dir, state_dirs};
-
 /// What the launch forms need; see [`crate::options::Options`].
 #[derive(Debug, Clone)]
 pub struct LifecycleSettings {
