@@ -194,6 +194,13 @@ pub fn secret_text(value: std::ffi::OsString) -> Zeroizing<String> {
     }
 }
 
+/// A database URL variable read again, as [`secret_text`]: the serving path never keeps a URL's
+/// password, so `check --login` reads the variable again at the moment it logs in. `None` if it
+/// is no longer set.
+pub(crate) fn reread_url(var: &str) -> Option<Zeroizing<String>> {
+    std::env::var_os(var).map(secret_text)
+}
+
 /// Scans `vars` (normally `std::env::vars_os()`, lossily decoded) for add-on attachments.
 pub fn discover<I, K, V>(vars: I) -> Discovery
 where
