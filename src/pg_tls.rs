@@ -111,6 +111,10 @@ pub struct LibpqEnv {
 }
 
 /// Reads [`LibpqEnv`] from this process's environment, which the app's client shares.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "libpq's variables are this module's to read"
+)]
 pub fn libpq_env() -> LibpqEnv {
     let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
     LibpqEnv {

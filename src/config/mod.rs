@@ -197,6 +197,10 @@ pub fn secret_text(value: std::ffi::OsString) -> Zeroizing<String> {
 /// A database URL variable read again, as [`secret_text`]: the serving path never keeps a URL's
 /// password, so `check --login` reads the variable again at the moment it logs in. `None` if it
 /// is no longer set.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the add-ons' config vars are this module's to read"
+)]
 pub(crate) fn reread_url(var: &str) -> Option<Zeroizing<String>> {
     std::env::var_os(var).map(secret_text)
 }
