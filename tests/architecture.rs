@@ -62,7 +62,10 @@ fn code_of(text: &str) -> String {
     let mut lines = text.lines().peekable();
     while let Some(line) = lines.next() {
         let trimmed = line.trim_start();
-        if trimmed == "#[cfg(test)]" && lines.peek().is_some_and(|next| next.trim() == "mod tests {")
+        if trimmed == "#[cfg(test)]"
+            && lines
+                .peek()
+                .is_some_and(|next| next.trim() == "mod tests {")
         {
             break;
         }
@@ -164,7 +167,10 @@ fn the_cycle_finder_finds_cycles() {
     let graph = |edges: &[(&str, &str)]| {
         let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (from, to) in edges {
-            graph.entry((*from).into()).or_default().insert((*to).into());
+            graph
+                .entry((*from).into())
+                .or_default()
+                .insert((*to).into());
         }
         graph
     };

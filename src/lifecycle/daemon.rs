@@ -33,6 +33,10 @@ const READY_FD: i32 = 3;
 /// `bpg-tunnel start --owner-pid PID`. Always succeeds: a tunnel problem is logged, never
 /// allowed to stop the app from booting.
 pub fn start(lifecycle: &LifecycleSettings, owner_pid: i32) -> ExitCode {
+    // Silent, as the profile.d script is: a one-off dyno's terminal shows this.
+    if lifecycle.disabled {
+        return ExitCode::SUCCESS;
+    }
     if config::discover_env().is_empty() {
         // No add-on attached: nothing to do, and nothing to say on a one-off dyno's terminal.
         return ExitCode::SUCCESS;

@@ -12,6 +12,14 @@ use crate::config;
 use crate::engine::{self, EngineSettings, Running, Stop, Stopped, Trigger};
 
 pub async fn run(engine: &EngineSettings, lifecycle: &LifecycleSettings) -> ExitCode {
+    if lifecycle.disabled {
+        info!(
+            event = "disabled",
+            var = "BPG_TUNNEL_DISABLE",
+            "no tunnel started"
+        );
+        return ExitCode::SUCCESS;
+    }
     let signals = match Signals::new() {
         Ok(signals) => signals,
         Err(signal_error) => {

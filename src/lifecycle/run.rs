@@ -39,7 +39,16 @@ pub async fn run(
     // Nothing else runs yet, so this short blocking wait holds nothing up.
     super::daemon::replace_own(lifecycle);
     // A broken tunnel config must not keep the app from starting: run it regardless.
-    let running = engine::start(config::discover_env(), engine).await;
+    let running = if lifecycle.disabled {
+        info!(
+            event = "disabled",
+            var = "BPG_TUNNEL_DISABLE",
+            "the command runs without a tunnel"
+        );
+        None
+    } else {
+        engine::start(config::discover_env(), engine).await
+    };
     if let Some(running) = &running {
         // Whatever is not up yet is logged; the command starts either way, its connections wait.
         // A stop signal meanwhile means the command is not wanted any more: it is not started.

@@ -151,6 +151,12 @@ pub struct Options {
     )]
     private_tunnel_request_timeout: OsString,
 
+    /// Any non-empty value starts no tunnel: `start` and `exec-d` do nothing, `run` runs its
+    /// command alone, and `bpg-tunnel` exits at once (as the profile.d script, which checks it
+    /// before starting anything).
+    #[arg(long, env = "BPG_TUNNEL_DISABLE", value_name = "ANY")]
+    disable: Option<OsString>,
+
     /// Tests only: a PEM file of one more CA to trust for the add-on's API, on top of the
     /// built-in web roots. Honoured only by builds with the `test-api-ca` feature; declared in
     /// every build, so that a release build warns about it rather than refusing to start.
@@ -208,6 +214,7 @@ impl Options {
             invalid: Vec::new(),
             bad_flags: Vec::new(),
         };
+        let dyno = Dyno::from_env();
         let mut settings = Settings {
             engine: EngineSettings {
                 supervisor: SupervisorSettings {
@@ -273,7 +280,7 @@ impl Options {
                     health_addr: read.value("health_addr", &self.health_addr, parse_health_addr),
                     state_dir: path(&self.state_dir),
                 },
-                dyno: Dyno::from_env(),
+                dyno: dyno.clone(),
             },
             lifecycle: LifecycleSettings {
                 ready_timeout: read.value("ready_timeout", &self.ready_timeout, parse_duration),
@@ -281,6 +288,8 @@ impl Options {
                 grace: read.value("grace", &self.grace, parse_duration),
                 state_dir: path(&self.state_dir),
                 flags_env: Vec::new(),
+                disabled: self.disable.as_ref().is_some_and(|value| !value.is_empty()),
+                in_ps_exec: dyno.in_ps_exec,
             },
             log: read.value("log", &self.log, parse_log_filter),
         };
@@ -297,6 +306,10 @@ impl Options {
 
     /// A release build says so when the tests' variable is set, and goes on without it.
     #[cfg(not(feature = "test-api-ca"))]
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "BPG_TUNNEL_* variables are this module's to read"
+    )]
     fn test_api_ca_file(&self, read: &mut Reader) -> Option<PathBuf> {
         if std::env::var_os("BPG_TUNNEL_TEST_API_CA_FILE").is_some() {
             read.invalid.push(InvalidSetting {
