@@ -10,9 +10,8 @@
 //! closed. `status` asks the first socket that answers and prints what it got, for people or
 //! (`--json`) as JSON.
 
-use std::fs::File;
+use std::fs::{File, TryLockError};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -130,15 +129,12 @@ fn lock(path: &Path) -> std::io::Result<Option<File>> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let error = std::io::Error::last_os_error();
-        return match error.kind() {
-            std::io::ErrorKind::WouldBlock => Ok(None),
-            _ => Err(error),
-        };
+    // std's file locks are flock(2) on Linux, as `lifecycle`'s pid file is.
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(error)) => Err(error),
     }
-    Ok(Some(file))
 }
 
 fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
