@@ -298,6 +298,47 @@ fn run_scrubs_the_secrets_reports_a_missing_command_and_runs_the_app_without_tun
 }
 
 #[test]
+fn bpg_tunnel_disable_starts_no_tunnel_in_any_launch_form_and_the_app_still_runs() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (mut vars, _) = dyno_vars(&lab, &state);
+    vars.insert("BPG_TUNNEL_DISABLE".into(), "1".into());
+
+    let mut run = Tunnel::spawn(
+        vars.iter(),
+        &["run", "--", "sh", "-c", "echo app-ran; exit 5"],
+    );
+    let status = run.wait_exit(T).expect("run exits with its command");
+    let out = run.lines().join("\n");
+    assert_eq!(status.code(), Some(5), "{out}");
+    assert!(out.contains("app-ran"), "{out}");
+    assert!(out.contains("event=disabled"), "{out}");
+    assert!(!out.contains("event=listening"), "a tunnel started:\n{out}");
+
+    let mut foreground = Tunnel::spawn(vars.iter(), &[]);
+    let status = foreground
+        .wait_exit(T)
+        .expect("the foreground form exits at once");
+    let out = foreground.lines().join("\n");
+    assert!(status.success(), "{out}");
+    assert!(out.contains("event=disabled"), "{out}");
+    assert!(!out.contains("event=listening"), "a tunnel started:\n{out}");
+
+    let owner = std::process::id().to_string();
+    let mut start = Tunnel::spawn(vars.iter(), &["start", "--owner-pid", &owner]);
+    let status = start.wait_exit(T).expect("start returns");
+    assert!(status.success(), "{}", start.lines().join("\n"));
+    assert_eq!(daemon_pid(state.path()), None, "start left a daemon");
+
+    // Empty means unset, as in the profile.d script's test.
+    vars.insert("BPG_TUNNEL_DISABLE".into(), String::new());
+    let mut run = Tunnel::spawn(vars.iter(), &["run", "--", "sh", "-c", "exit 0"]);
+    run.wait_exit(T).expect("run exits with its command");
+    let out = run.lines().join("\n");
+    assert!(out.contains("event=listening"), "{out}");
+}
+
+#[test]
 fn an_invalid_setting_or_the_apps_rust_log_never_keeps_the_app_or_the_tunnel_from_starting() {
     let Some(lab) = support::lab() else { return };
     let state = tempfile::tempdir().unwrap();
