@@ -10,7 +10,7 @@
 //! and database names, never a value that may hold a secret. The PostgreSQL step sends only an
 //! `SSLRequest`, which a server answers before any credentials, and closes: nothing in the
 //! server's log. Only `--login` reads a password, from the URL variable, at the moment it logs
-//! in; it uses TLS as the URL's `sslmode` says, as the app's client does ([`crate::pg_tls`]).
+//! in; it uses TLS as the URL's `sslmode` says, as the app's client does (`pg_tls`).
 //!
 //! This file owns the model (steps, their outcomes, a report per add-on), the config step and
 //! the order of each add-on's walk; one file per kind of check, and one that renders:
