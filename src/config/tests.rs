@@ -667,17 +667,6 @@ mod fuzz {
 
     const PASSWORD: &str = "Zq8xT4vLp2Rw";
 
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "`make fuzz` sets how many cases run"
-    )]
-    fn cases() -> u32 {
-        std::env::var("BPG_TUNNEL_FUZZ_CASES")
-            .ok()
-            .and_then(|cases| cases.parse().ok())
-            .unwrap_or(256)
-    }
-
     /// Every 8 characters in a row of every secret, lower-cased.
     fn fragments() -> Vec<String> {
         let mut secrets: Vec<&str> = CLIENT_KEY
@@ -805,7 +794,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
+        #![proptest_config(ProptestConfig::with_cases(crate::options::fuzz_cases()))]
 
         #[test]
         fn a_mutated_config_never_panics_and_no_message_quotes_a_secret(

@@ -442,6 +442,19 @@ fn flags_as_env(
         .collect()
 }
 
+/// How many cases each property test runs: `BPG_TUNNEL_FUZZ_CASES` (`make fuzz`), else 256.
+#[cfg(test)]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "BPG_TUNNEL_* variables are this module's to read"
+)]
+pub(crate) fn fuzz_cases() -> u32 {
+    std::env::var("BPG_TUNNEL_FUZZ_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(256)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -260,19 +260,10 @@ mod tests {
         assert_eq!(InvalidValue::NotUtf8.to_string(), "is not valid UTF-8");
     }
 
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "`make fuzz` sets how many cases run"
-    )]
-    fn fuzz_cases() -> u32 {
-        std::env::var("BPG_TUNNEL_FUZZ_CASES")
-            .ok()
-            .and_then(|cases| cases.parse().ok())
-            .unwrap_or(256)
-    }
-
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(fuzz_cases()))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            crate::options::fuzz_cases()
+        ))]
 
         #[test]
         fn setting_values_never_panic_and_are_quoted_only_in_part(raw in ".{0,300}") {
