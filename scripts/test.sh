@@ -34,7 +34,7 @@ scripts/patch-russh.sh --check
 cargo test --locked --manifest-path build/russh-from-scripts-patch-russh.sh/Cargo.toml --target-dir target/russh --features misbehave --lib --tests 2>&1 | tee "$log"
 echo "-----> unit, property and end-to-end tests (debug build)"
 # The `test-api-ca` feature lets the private-app tests' fake API be trusted; release builds lack it.
-cargo test --locked --features test-api-ca --lib --bins --test tunnel --test check --test flow_control --test lifecycle --test private_app --test secrets --test operability --test health --test hostile_server --test faults 2>&1 | tee -a "$log"
+cargo test --locked --features test-api-ca --lib --bins --test architecture --test tunnel --test check --test flow_control --test lifecycle --test private_app --test secrets --test operability --test health --test hostile_server --test faults 2>&1 | tee -a "$log"
 echo "-----> end-to-end and install tests (static release binary: $release_bin)"
 BPG_TUNNEL_BIN="$release_bin" BPG_TUNNEL_DIST="$release_tarball" \
   BPG_TUNNEL_DIST_AARCH64="$arm64_tarball" BPG_TUNNEL_BUILDPACK="$buildpack_tgz" \

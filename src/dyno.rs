@@ -25,14 +25,24 @@ pub struct Dyno {
     pub name: String,
     /// What this process registers as in private-app-tunnel mode.
     pub client_id: String,
+    /// In a `heroku ps:exec` session (`SSH_CLIENT` is set): a person's shell beside the app's
+    /// processes, where the launch forms that run from profile.d and exec.d start nothing.
+    pub in_ps_exec: bool,
     notices: Vec<Notice>,
 }
 
 impl Dyno {
-    /// Reads `DYNO` and `HEROKU_DYNO_ID`; draws the instance when there is no dyno id.
+    /// Reads `DYNO`, `HEROKU_DYNO_ID` and `SSH_CLIENT`; draws the instance when there is no dyno
+    /// id.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the platform's variables are this module's to read"
+    )]
     pub fn from_env() -> Dyno {
         let var = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_owned());
-        Dyno::from_vars(var("DYNO"), var("HEROKU_DYNO_ID"), host_name, random_uuid)
+        let mut dyno = Dyno::from_vars(var("DYNO"), var("HEROKU_DYNO_ID"), host_name, random_uuid);
+        dyno.in_ps_exec = std::env::var_os("SSH_CLIENT").is_some_and(|client| !client.is_empty());
+        dyno
     }
 
     fn from_vars(
@@ -67,6 +77,7 @@ impl Dyno {
         Dyno {
             client_id: format!("{name}_{instance}"),
             name,
+            in_ps_exec: false,
             notices,
         }
     }

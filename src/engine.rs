@@ -1,6 +1,6 @@
 //! The engine: every add-on's tunnels, from the environment to the last byte of a graceful stop.
 //!
-//! [`start`] discovers the add-ons, binds every listener before the first SSH connect (so an app
+//! [`start`] takes the add-ons the launch form discovered, binds every listener before the first SSH connect (so an app
 //! that connects at once is queued rather than refused), and starts a supervisor per add-on, a
 //! serving task per listener and a registration per private-app add-on. [`Running::serve`] then
 //! serves until the launch form's [`Trigger`] says to stop, and stops the one way there is: stop
@@ -95,10 +95,10 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Discovers the add-ons in the environment, reports what is wrong with them, binds and starts
-/// what can be served; `None` (after saying why) when nothing can.
-pub async fn start(settings: &EngineSettings) -> Option<Running> {
-    let discovery = config::discover_env();
+/// Reports what is wrong with the add-ons `discovery` found (the launch form asked
+/// `config::discover_env` for them), binds and starts what can be served; `None` (after saying
+/// why) when nothing can.
+pub async fn start(discovery: Discovery, settings: &EngineSettings) -> Option<Running> {
     report(&discovery);
     let had_addons = !discovery.is_empty();
     let tunnels = Tunnels::bind(discovery, settings).await;
@@ -501,4 +501,173 @@ async fn databases_reachable(
         }
     }
     true
+}
+
+#[cfg(test)]
+impl Running {
+    /// Serving nothing: for the launch forms' triggers, which only ask how many connections
+    /// are open.
+    pub(crate) fn idle() -> Running {
+        Running {
+            stop_accepting: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            tasks: TaskTracker::new(),
+            sessions: Vec::new(),
+            registrations: Vec::new(),
+            stats: Arc::new(Stats::new(&[], &[])),
+        }
+    }
+}
+
+/// The engine's timing in paused time: an add-on whose SSH server refuses every connection, so
+/// no session ever comes and every wait runs to its bound.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forwarder::ForwarderSettings;
+    use crate::ssh::SessionSettings;
+    use tokio::io::AsyncReadExt;
+    use tokio::time::Instant;
+
+    const CONNECTION_WAIT: Duration = Duration::from_secs(60);
+
+    fn free_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    fn settings(state_dir: &std::path::Path) -> EngineSettings {
+        EngineSettings {
+            supervisor: SupervisorSettings {
+                session: SessionSettings {
+                    connect_timeout: Duration::from_secs(10),
+                    keepalive_interval: Duration::from_secs(3),
+                    keepalive_count: 3,
+                },
+                reconnect_max_delay: Duration::from_secs(10),
+                auth_failure_delay: Duration::from_secs(60),
+            },
+            forwarder: ForwarderSettings {
+                connection_wait_timeout: CONNECTION_WAIT,
+            },
+            registration: RegistrationSettings {
+                extend_interval: Duration::from_secs(3900),
+                retry_interval: Duration::from_secs(180),
+                request_timeout: Duration::from_secs(10),
+                test_api_ca_file: None,
+            },
+            telemetry: TelemetrySettings {
+                metrics_interval: Duration::ZERO,
+                health_addr: None,
+                state_dir: Some(state_dir.to_owned()),
+            },
+            dyno: Dyno::from_env(),
+        }
+    }
+
+    /// The engine serving one add-on on `listen_port` whose server never answers.
+    async fn started(state_dir: &std::path::Path, listen_port: u16) -> Running {
+        let discovery = config::tests::local_addon(free_port(), listen_port);
+        start(discovery, &settings(state_dir))
+            .await
+            .expect("the listener is bound")
+    }
+
+    struct StopAt(Stop);
+
+    impl Trigger for StopAt {
+        async fn stop(&mut self, _: &Running) -> Stop {
+            self.0
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_gives_up_at_the_ready_timeout_and_names_the_addon() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = started(dir.path(), free_port()).await;
+        let began = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let Err(NotReady(addons)) = running.ready(timeout).await else {
+            panic!("ready without a server")
+        };
+        assert_eq!(addons, ["DATABASE"]);
+        assert_eq!(began.elapsed(), timeout, "neither sooner nor later");
+        assert_eq!(running.stats.phase(), Phase::Serving);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_connection_open_a_graceful_stop_takes_no_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = started(dir.path(), free_port()).await;
+        let began = Instant::now();
+        let grace = Duration::from_secs(30);
+        let stopped = running.serve(&mut StopAt(Stop::Gracefully { grace })).await;
+        assert_eq!(stopped, Stopped::Gracefully);
+        assert!(
+            began.elapsed() < Duration::from_millis(10),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_connection_gets_the_grace_then_is_cut_within_the_stop_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let running = started(dir.path(), port).await;
+        let mut app = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        // Accepted, and waiting for a session that never comes.
+        while running.open_connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let began = Instant::now();
+        let grace = Duration::from_secs(5);
+        let stopped = running.serve(&mut StopAt(Stop::Gracefully { grace })).await;
+        let took = began.elapsed();
+        assert_eq!(stopped, Stopped::Gracefully);
+        assert!(took >= grace, "cut before the grace: {took:?}");
+        assert!(
+            took <= grace + STOP_TIMEOUT,
+            "past the stop bound: {took:?}"
+        );
+        // The app's connection ends with the tunnel, no later.
+        let mut byte = [0; 1];
+        let read = tokio::time::timeout(Duration::ZERO, app.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_never_ends_holds_the_stop_up_for_the_stop_bound_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = started(dir.path(), free_port()).await;
+        // As a session's goodbye to a server that never answers would.
+        running.tasks.spawn(std::future::pending::<()>());
+        let began = Instant::now();
+        let grace = Duration::from_secs(30);
+        let stopped = running.serve(&mut StopAt(Stop::Gracefully { grace })).await;
+        assert_eq!(stopped, Stopped::Gracefully);
+        assert_eq!(began.elapsed(), STOP_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_now_leaves_at_once_even_with_a_connection_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let running = started(dir.path(), port).await;
+        let _app = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        while running.open_connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let began = Instant::now();
+        assert_eq!(
+            running.serve(&mut StopAt(Stop::Now)).await,
+            Stopped::Aborted
+        );
+        assert_eq!(began.elapsed(), Duration::ZERO);
+    }
 }

@@ -1,11 +1,13 @@
 //! bpg-tunnel: keeps Borealis Isolated Postgres reachable on 127.0.0.1 from a Heroku dyno.
 //!
-//! One module per concern; docs/architecture.md walks the data path.
+//! One module per concern; docs/architecture.md walks the data path and says which module may
+//! depend on which (`tests/architecture.rs` holds it).
 //! - [`options`]: the daemon's own settings (`BPG_TUNNEL_*` and flags), turned into each
 //!   component's typed settings.
 //! - `config`: discovers add-on attachments from the environment.
 //! - `dyno`: who this process is on the platform: the dyno's name and its client id.
-//! - `engine`: binds, starts, serves and stops every add-on's tunnels.
+//! - `state_dir`: where the pid file and the status socket live.
+//! - `engine`: binds, starts, serves and stops the tunnels of the add-ons it is handed.
 //! - `supervisor`: keeps a session up per add-on, reconnecting with `backoff`.
 //! - `ssh`: one authenticated, pinned, keep-alive-checked SSH session.
 //! - `forwarder`: the 127.0.0.1 listeners and the per-connection copy over SSH channels.
@@ -36,6 +38,7 @@ pub mod options;
 mod pg_tls;
 mod private_app;
 mod ssh;
+mod state_dir;
 mod stats;
 pub mod status;
 mod supervisor;

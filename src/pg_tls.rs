@@ -100,6 +100,29 @@ impl Plan {
     }
 }
 
+/// libpq's environment variables for TLS, which the app's client falls back on for what its URL
+/// does not set: each one set and not empty (libpq takes an empty one for unset).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LibpqEnv {
+    /// `PGSSLMODE`, as written: whether libpq knows it is for the caller to say.
+    pub sslmode: Option<String>,
+    /// `PGSSLROOTCERT`.
+    pub sslrootcert: Option<String>,
+}
+
+/// Reads [`LibpqEnv`] from this process's environment, which the app's client shares.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "libpq's variables are this module's to read"
+)]
+pub fn libpq_env() -> LibpqEnv {
+    let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    LibpqEnv {
+        sslmode: var("PGSSLMODE"),
+        sslrootcert: var("PGSSLROOTCERT"),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
     #[error("cannot read sslrootcert {path:?}: {source}; expected a file of PEM certificates, the CAs that sign the server's certificate")]

@@ -19,12 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::PrivateApp;
+use crate::config::{PrivateApp, AUTO_DESTROY_DELAY};
 use crate::stats::RegistrationStats;
 use crate::tls_roots::{self, PemFileError};
 
-/// The add-on drops a registration this long after it was made or last renewed.
-pub const AUTO_DESTROY_DELAY: Duration = Duration::from_secs(4500);
 /// The deregistration runs in the last seconds before Heroku's SIGKILL.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// First retries of a registration that failed on the network or with a 5xx.

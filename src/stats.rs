@@ -407,7 +407,7 @@ impl RegistrationState {
     /// When the add-on drops the registration unless it is renewed first.
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.last_renewed
-            .map(|at| at + crate::private_app::AUTO_DESTROY_DELAY)
+            .map(|at| at + crate::config::AUTO_DESTROY_DELAY)
     }
 }
 

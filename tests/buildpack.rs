@@ -3,6 +3,10 @@
 //! dyno booted from its output, the Cloud Native Buildpack's bin/build and exec.d run the way
 //! the launcher runs them, and Dockerfile.example's ENTRYPOINT/CMD as PID 1 of a fresh PID
 //! namespace. The binary installed is the release tarball (see `support::release_tarball`).
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a test reads its lab's settings from the environment"
+)]
 
 mod support;
 
@@ -579,11 +583,9 @@ echo app-exiting
     );
     std::thread::sleep(Duration::from_millis(500));
     // Heroku's shutdown: SIGTERM to every process of the dyno, the daemon more than once.
-    unsafe {
-        libc::kill(-dyno.pid(), libc::SIGTERM);
-        libc::kill(daemon, libc::SIGTERM);
-        libc::kill(daemon, libc::SIGTERM);
-    }
+    support::signal(-dyno.pid(), libc::SIGTERM);
+    support::signal(daemon, libc::SIGTERM);
+    support::signal(daemon, libc::SIGTERM);
     let status = dyno.wait_exit(T).expect("the app drains and exits");
     let out = dyno.lines().join("\n");
     assert!(status.success(), "{out}");
@@ -1025,7 +1027,7 @@ while true; do sleep 0.1; done
             .trim(),
         "bpg-tunnel"
     );
-    unsafe { libc::kill(pid1, libc::SIGTERM) };
+    support::signal(pid1, libc::SIGTERM);
     let status = container
         .wait_exit(T)
         .expect("the container exits with its app");

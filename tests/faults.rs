@@ -2,6 +2,10 @@
 //! tunnel, with what a user must see. The SSH session goes through a fault relay
 //! (`support::relay`) where the kernel cannot make the fault. Every row prints its figures
 //! (`cargo test --test faults -- --nocapture`); docs/performance.md's "Faults survived" comes from them.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a test reads its lab's settings from the environment"
+)]
 
 mod support;
 
@@ -636,8 +640,10 @@ fn a_thousand_connections_at_once_are_all_served_and_all_given_back() {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    // SAFETY: getrlimit and setrlimit only read and change this process's own limits.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     limit.rlim_cur = limit.rlim_max.min(20_000);
+    // SAFETY: as above.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
     assert!(limit.rlim_cur >= 5_000, "needs a descriptor limit of 5,000");
 

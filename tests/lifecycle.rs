@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use support::{daemon_pid, psql_url, wait_gone, Tunnel};
@@ -83,11 +82,9 @@ echo app-exiting"#,
     let daemon = daemon_pid(state.path()).expect("daemon pid file");
     std::thread::sleep(Duration::from_millis(800));
     // Heroku signals every process in the dyno: the app's group and the daemon's session.
-    unsafe {
-        libc::kill(-dyno.pid(), libc::SIGTERM);
-        libc::kill(daemon, libc::SIGTERM);
-        libc::kill(daemon, libc::SIGTERM);
-    }
+    support::signal(-dyno.pid(), libc::SIGTERM);
+    support::signal(daemon, libc::SIGTERM);
+    support::signal(daemon, libc::SIGTERM);
     let status = dyno.wait_exit(T).expect("the app finishes draining");
     let app_exited = dyno.exited_at().unwrap();
     assert!(status.success());
@@ -116,7 +113,7 @@ fn deadline_the_daemon_leaves_by_the_drain_timeout_if_the_app_ignores_sigterm() 
     dyno.wait_for(&["app-booted"], T);
     let daemon = daemon_pid(state.path()).unwrap();
     let signalled = Instant::now();
-    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    support::signal(daemon, libc::SIGTERM);
     wait_gone(daemon, Duration::from_secs(6)).expect("daemon leaves at the drain timeout");
     let took = signalled.elapsed();
     assert!(
@@ -169,7 +166,7 @@ fn settings_given_to_start_as_flags_reach_the_daemon() {
     assert!(dyno.lines().iter().any(|l| l == "ok"));
     let daemon = daemon_pid(state.path()).expect("the daemon's pid file is in --state-dir");
     dyno.wait_for(&["event=connection-open"], T);
-    unsafe { libc::kill(daemon, libc::SIGHUP) };
+    support::signal(daemon, libc::SIGHUP);
     wait_gone(daemon, Duration::from_secs(5)).unwrap();
 }
 
@@ -190,7 +187,7 @@ fn start_is_idempotent_ignores_a_stale_pid_file_and_never_blocks_the_boot() {
     assert!(dyno.lines().iter().any(|l| l == "ok"));
     let daemon = daemon_pid(state.path()).unwrap();
     assert_ne!(daemon, 4_000_000);
-    unsafe { libc::kill(daemon, libc::SIGHUP) };
+    support::signal(daemon, libc::SIGHUP);
     wait_gone(daemon, Duration::from_secs(5)).unwrap();
 
     // A broken config: start reports it, returns at once, and the shell goes on.
@@ -252,7 +249,7 @@ while true; do sleep 0.1; done"#;
     assert!(out.contains("pid1=bpg-tunnel zombies=0"), "{out}");
     // PID 1 of the namespace, seen from here: unshare's child.
     let pid1 = support::descendants(dyno.pid())[0];
-    unsafe { libc::kill(pid1, libc::SIGTERM) };
+    support::signal(pid1, libc::SIGTERM);
     let status = dyno.wait_exit(T).expect("run exits with its child");
     let out = dyno.lines().join("\n");
     assert!(out.contains("got-sigterm"), "{out}");
@@ -301,6 +298,47 @@ fn run_scrubs_the_secrets_reports_a_missing_command_and_runs_the_app_without_tun
 }
 
 #[test]
+fn bpg_tunnel_disable_starts_no_tunnel_in_any_launch_form_and_the_app_still_runs() {
+    let Some(lab) = support::lab() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let (mut vars, _) = dyno_vars(&lab, &state);
+    vars.insert("BPG_TUNNEL_DISABLE".into(), "1".into());
+
+    let mut run = Tunnel::spawn(
+        vars.iter(),
+        &["run", "--", "sh", "-c", "echo app-ran; exit 5"],
+    );
+    let status = run.wait_exit(T).expect("run exits with its command");
+    let out = run.lines().join("\n");
+    assert_eq!(status.code(), Some(5), "{out}");
+    assert!(out.contains("app-ran"), "{out}");
+    assert!(out.contains("event=disabled"), "{out}");
+    assert!(!out.contains("event=listening"), "a tunnel started:\n{out}");
+
+    let mut foreground = Tunnel::spawn(vars.iter(), &[]);
+    let status = foreground
+        .wait_exit(T)
+        .expect("the foreground form exits at once");
+    let out = foreground.lines().join("\n");
+    assert!(status.success(), "{out}");
+    assert!(out.contains("event=disabled"), "{out}");
+    assert!(!out.contains("event=listening"), "a tunnel started:\n{out}");
+
+    let owner = std::process::id().to_string();
+    let mut start = Tunnel::spawn(vars.iter(), &["start", "--owner-pid", &owner]);
+    let status = start.wait_exit(T).expect("start returns");
+    assert!(status.success(), "{}", start.lines().join("\n"));
+    assert_eq!(daemon_pid(state.path()), None, "start left a daemon");
+
+    // Empty means unset, as in the profile.d script's test.
+    vars.insert("BPG_TUNNEL_DISABLE".into(), String::new());
+    let mut run = Tunnel::spawn(vars.iter(), &["run", "--", "sh", "-c", "exit 0"]);
+    run.wait_exit(T).expect("run exits with its command");
+    let out = run.lines().join("\n");
+    assert!(out.contains("event=listening"), "{out}");
+}
+
+#[test]
 fn an_invalid_setting_or_the_apps_rust_log_never_keeps_the_app_or_the_tunnel_from_starting() {
     let Some(lab) = support::lab() else { return };
     let state = tempfile::tempdir().unwrap();
@@ -340,7 +378,7 @@ fn an_invalid_setting_or_the_apps_rust_log_never_keeps_the_app_or_the_tunnel_fro
     );
     assert_eq!(dyno.count("event=setting-invalid"), 1);
     let daemon = daemon_pid(state.path()).unwrap();
-    unsafe { libc::kill(daemon, libc::SIGHUP) };
+    support::signal(daemon, libc::SIGHUP);
     wait_gone(daemon, Duration::from_secs(5)).unwrap();
 }
 
@@ -371,7 +409,7 @@ fn a_sigterm_while_start_waits_for_the_server_starts_the_drain_at_once() {
     // Serving (its signal handlers set), and waiting for a server that does not answer.
     dyno.wait_for(&["event=ssh-connect-failed"], T);
     let daemon = daemon_pid(state.path()).expect("the daemon's pid file");
-    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    support::signal(daemon, libc::SIGTERM);
     let gone = wait_gone(daemon, T).expect("the daemon leaves");
     // Drain 2 s from the signal, not from the end of the 10 s ready wait.
     assert!(gone < Duration::from_secs(4), "left {gone:?} after SIGTERM");
@@ -426,7 +464,7 @@ fn stop_signals_nothing_but_the_daemon() {
     for content in ["", bystander_pid.as_str()] {
         std::fs::write(&path, content).unwrap();
         let held = std::fs::File::open(&path).unwrap();
-        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        held.lock().unwrap();
         let mut command = std::process::Command::new(support::tunnel_binary());
         command.args(["--state-dir", &state.path().display().to_string(), "stop"]);
         // In a process group of its own: kill(0, …) would hit nothing else.
@@ -484,7 +522,7 @@ fn a_symlink_planted_in_place_of_the_state_dir_is_never_followed() {
     // Where the daemon's own place under the temporary directory would be, another user
     // planted a link to it.
     let tmp = tempfile::tempdir().unwrap();
-    let uid = unsafe { libc::geteuid() };
+    let uid = support::euid();
     let planted = tmp.path().join(format!("borealis-pg-{uid}"));
     std::os::unix::fs::symlink(victim.path(), &planted).unwrap();
     let (mut vars, _) = dyno_vars(&lab, &tmp);

@@ -1,6 +1,10 @@
 //! Private-app-tunnel mode against a fake of the add-on's API (HTTPS on loopback, a throwaway
 //! CA): the exact requests, retries, refusals, renewal, deregistration in each way the dyno can
 //! end, and an SSH add-on served alongside.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a test reads its lab's settings from the environment"
+)]
 
 mod support;
 
@@ -262,10 +266,8 @@ fn deregisters_when_the_app_exits_after_a_sigterm_drain_and_when_a_one_off_ends(
     dyno.wait_for(&["booted"], T);
     let daemon = support::daemon_pid(state.path()).expect("daemon pid file");
     let signalled = Instant::now();
-    unsafe {
-        libc::kill(-dyno.pid(), libc::SIGTERM);
-        libc::kill(daemon, libc::SIGTERM);
-    }
+    support::signal(-dyno.pid(), libc::SIGTERM);
+    support::signal(daemon, libc::SIGTERM);
     dyno.wait_exit(T).unwrap();
     dyno.wait_for(&["event=private-tunnel-deregistered"], T);
     let requests = api.requests();
@@ -550,7 +552,7 @@ fn in_a_container_only_run_under_the_launcher_deregisters_when_the_app_stops() {
                     .is_ok_and(|comm| comm.trim() == "bpg-tunnel")
         })
         .expect("exec.d started the daemon");
-    unsafe { libc::kill(pid1, libc::SIGTERM) };
+    support::signal(pid1, libc::SIGTERM);
     let status = exec_d_only
         .wait_exit(T)
         .expect("the container exits with its app");
@@ -586,7 +588,7 @@ fn in_a_container_only_run_under_the_launcher_deregisters_when_the_app_stops() {
         "run replaced the daemon"
     );
     let signalled = Instant::now();
-    unsafe { libc::kill(pid1, libc::SIGTERM) };
+    support::signal(pid1, libc::SIGTERM);
     let status = under_run
         .wait_exit(T)
         .expect("the container exits with its app");

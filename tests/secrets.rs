@@ -1,6 +1,10 @@
 //! Secrets (the private key, the JWT, the database password) reach no output, no argv, no file,
 //! no child that asked for them to be scrubbed, and leave no copy in memory once parsed: every
 //! launch form, at trace level, with the lab's real secrets as canaries.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a test reads its lab's settings from the environment"
+)]
 
 mod support;
 
@@ -164,7 +168,7 @@ fn no_launch_form_lets_a_secret_out_at_trace_level() {
     let daemon = support::daemon_pid(state.path()).unwrap();
     canaries.assert_absent("the daemon's argv", &cmdline(daemon));
     canaries.assert_absent("the state directory", &files_under(state.path()));
-    unsafe { libc::kill(daemon, libc::SIGHUP) };
+    support::signal(daemon, libc::SIGHUP);
     support::wait_gone(daemon, T).unwrap();
     canaries.assert_absent_from_logs("start's and the daemon's output", &dyno);
 

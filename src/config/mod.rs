@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use keys::{ClientKey, HostKey};
 use parser::{AddonParser, Parsed};
@@ -26,6 +27,11 @@ use zeroize::Zeroizing;
 pub const CONN_INFO_SUFFIXES: [&str; 2] = [CONN_INFO_SUFFIX, LEGACY_CONN_INFO_SUFFIX];
 const CONN_INFO_SUFFIX: &str = "_TUNNEL_BPG_CONN_INFO";
 const LEGACY_CONN_INFO_SUFFIX: &str = "_SSH_TUNNEL_BPG_CONNECTION_INFO";
+
+/// The add-on drops a private-app registration this long after it was made or last renewed
+/// (`docs/addon-contract.md`, "Private-app-tunnel mode"): the registration asks for it, and
+/// what reports the registration's expiry counts with it.
+pub const AUTO_DESTROY_DELAY: Duration = Duration::from_secs(4500);
 
 /// An add-on in private-app-tunnel mode (`docs/addon-contract.md`, "Private-app-tunnel mode"): no
 /// SSH; the dyno registers with the add-on's API so the add-on's network lets it reach the
@@ -157,6 +163,10 @@ impl Discovery {
 
 /// Reads the environment the way the add-on sets it; non-UTF-8 values cannot be add-on config,
 /// so they are decoded lossily rather than rejected.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the add-ons' config vars are this module's to read"
+)]
 pub fn discover_env() -> Discovery {
     discover(
         std::env::vars_os()
@@ -182,6 +192,17 @@ pub fn secret_text(value: std::ffi::OsString) -> Zeroizing<String> {
             text
         }
     }
+}
+
+/// A database URL variable read again, as [`secret_text`]: the serving path never keeps a URL's
+/// password, so `check --login` reads the variable again at the moment it logs in. `None` if it
+/// is no longer set.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the add-ons' config vars are this module's to read"
+)]
+pub(crate) fn reread_url(var: &str) -> Option<Zeroizing<String>> {
+    std::env::var_os(var).map(secret_text)
 }
 
 /// Scans `vars` (normally `std::env::vars_os()`, lossily decoded) for add-on attachments.
@@ -318,4 +339,4 @@ fn admit_private_app(app: PrivateApp, discovery: &mut Discovery) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

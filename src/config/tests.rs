@@ -44,6 +44,20 @@ fn env(vars: &[(&str, String)]) -> Discovery {
     discover(vars.iter().map(|(k, v)| (k.to_string(), v.clone())))
 }
 
+/// One add-on, `DATABASE`, whose SSH server is at 127.0.0.1:`ssh_port` and whose writer
+/// listens on 127.0.0.1:`listen_port`: for other modules' tests, which need an add-on the
+/// engine can bind and a server that is not there.
+pub(crate) fn local_addon(ssh_port: u16, listen_port: u16) -> Discovery {
+    let ssh_port = ssh_port.to_string();
+    let info = conn_info(&[("SSH_HOST", "127.0.0.1"), ("SSH_PORT", &ssh_port)]);
+    let discovery = env(&[
+        ("DATABASE_TUNNEL_BPG_CONN_INFO", info),
+        ("DATABASE_URL", url(listen_port)),
+    ]);
+    assert_eq!(errors(&discovery), Vec::<String>::new());
+    discovery
+}
+
 fn errors_of(d: &Discovery) -> impl Iterator<Item = &Problem> {
     d.problems.iter().filter(|p| p.severity == Severity::Error)
 }
@@ -653,13 +667,6 @@ mod fuzz {
 
     const PASSWORD: &str = "Zq8xT4vLp2Rw";
 
-    fn cases() -> u32 {
-        std::env::var("BPG_TUNNEL_FUZZ_CASES")
-            .ok()
-            .and_then(|cases| cases.parse().ok())
-            .unwrap_or(256)
-    }
-
     /// Every 8 characters in a row of every secret, lower-cased.
     fn fragments() -> Vec<String> {
         let mut secrets: Vec<&str> = CLIENT_KEY
@@ -787,7 +794,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
+        #![proptest_config(ProptestConfig::with_cases(crate::options::fuzz_cases()))]
 
         #[test]
         fn a_mutated_config_never_panics_and_no_message_quotes_a_secret(

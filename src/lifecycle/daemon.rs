@@ -33,6 +33,10 @@ const READY_FD: i32 = 3;
 /// `bpg-tunnel start --owner-pid PID`. Always succeeds: a tunnel problem is logged, never
 /// allowed to stop the app from booting.
 pub fn start(lifecycle: &LifecycleSettings, owner_pid: i32) -> ExitCode {
+    // Silent, as the profile.d script is: a one-off dyno's terminal shows this.
+    if lifecycle.disabled {
+        return ExitCode::SUCCESS;
+    }
     if config::discover_env().is_empty() {
         // No add-on attached: nothing to do, and nothing to say on a one-off dyno's terminal.
         return ExitCode::SUCCESS;
@@ -81,7 +85,8 @@ pub fn start(lifecycle: &LifecycleSettings, owner_pid: i32) -> ExitCode {
 /// Re-executes this binary as the daemon, with the options given as flags passed on as the
 /// variables they stand for.
 fn spawn_daemon(flags_env: &[(String, OsString)], owner_pid: i32) -> std::io::Result<File> {
-    let (read, write) = pipe()?;
+    // Both ends close on exec; the child's copy of the write end is moved to READY_FD below.
+    let (read, write) = std::io::pipe()?;
     let write_fd = write.as_raw_fd();
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     let mut command = Command::new(exe);
@@ -107,7 +112,7 @@ fn spawn_daemon(flags_env: &[(String, OsString)], owner_pid: i32) -> std::io::Re
     }
     command.spawn()?;
     drop(write);
-    Ok(File::from(read))
+    Ok(File::from(OwnedFd::from(read)))
 }
 
 /// Closes every descriptor from `first` up, so nothing the launcher left open (exec.d's fd 3
@@ -117,19 +122,10 @@ fn close_from(first: i32) {
     let done = unsafe { libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0) } == 0;
     if !done {
         for fd in first..1024 {
+            // SAFETY: closing a descriptor this process may hold; nothing of ours uses them.
             unsafe { libc::close(fd) };
         }
     }
-}
-
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills `fds` with two new descriptors on success.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors are new and owned by nothing else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Reads the daemon's one-line report, or `None` at `timeout` or if it died without one.
@@ -215,13 +211,12 @@ pub fn daemon(engine: &EngineSettings, lifecycle: &LifecycleSettings, owner_pid:
                 return ExitCode::FAILURE;
             }
         };
-        let Some(running) = engine::start(engine).await else {
+        let Some(running) = engine::start(config::discover_env(), engine).await else {
             say("failed");
             return ExitCode::FAILURE;
         };
         let mut trigger = OwnerGone {
-            owner,
-            signals,
+            events: Heard { owner, signals },
             grace: lifecycle.grace,
             drain_timeout: lifecycle.drain_timeout,
             early: None,
@@ -252,9 +247,8 @@ pub fn daemon(engine: &EngineSettings, lifecycle: &LifecycleSettings, owner_pid:
 /// The daemon stops when the owner is gone. On SIGTERM it keeps serving (the app is draining
 /// too) until the owner exits or the drain timeout; repeated SIGTERMs change nothing; SIGINT
 /// during the drain leaves at once; SIGHUP (`bpg-tunnel stop`) stops after the grace.
-struct OwnerGone {
-    owner: Owner,
-    signals: Signals,
+struct OwnerGone<E> {
+    events: E,
     grace: Duration,
     drain_timeout: Duration,
     /// What happened before serving began (during the ready wait), and when.
@@ -267,24 +261,48 @@ enum Event {
     Signal(&'static str),
 }
 
-impl OwnerGone {
-    fn say_owner_exited(&self, running: &Running) {
-        info!(
-            event = "owner-exited",
-            owner = self.owner.pid(),
-            open_connections = running.open_connections()
-        );
-    }
+/// What the daemon hears, as events. A trait so that the drain's timing can be tested in paused
+/// time with events played from a script.
+trait Events {
+    fn next_event(&mut self) -> impl std::future::Future<Output = Event>;
+    /// The owner's pid, for the log.
+    fn owner(&self) -> i32;
+}
 
+/// The owner's exit and the stop signals.
+struct Heard {
+    owner: Owner,
+    signals: Signals,
+}
+
+impl Events for Heard {
     async fn next_event(&mut self) -> Event {
         tokio::select! {
             () = self.owner.exited() => Event::OwnerExited,
             name = self.signals.next_stop() => Event::Signal(name),
         }
     }
+
+    fn owner(&self) -> i32 {
+        self.owner.pid()
+    }
 }
 
-impl Trigger for OwnerGone {
+impl<E: Events> OwnerGone<E> {
+    fn say_owner_exited(&self, running: &Running) {
+        info!(
+            event = "owner-exited",
+            owner = self.events.owner(),
+            open_connections = running.open_connections()
+        );
+    }
+
+    async fn next_event(&mut self) -> Event {
+        self.events.next_event().await
+    }
+}
+
+impl<E: Events> Trigger for OwnerGone<E> {
     async fn stop(&mut self, running: &Running) -> Stop {
         let grace = self.grace;
         let (first, at) = match self.early.take() {
@@ -427,5 +445,107 @@ pub fn replace_own(lifecycle: &LifecycleSettings) {
             event = "replacing-daemon",
             pid, "the daemon did not stop in time; its listeners may be taken"
         );
+    }
+}
+
+/// The drain's arithmetic in paused time, with the owner's exit and the signals played from a
+/// script.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use tokio::time::Instant;
+
+    /// Each event after its delay from the one before; then nothing more, ever.
+    struct Script(VecDeque<(u64, Event)>);
+
+    impl Events for Script {
+        async fn next_event(&mut self) -> Event {
+            match self.0.pop_front() {
+                Some((after, event)) => {
+                    tokio::time::sleep(Duration::from_secs(after)).await;
+                    event
+                }
+                None => std::future::pending().await,
+            }
+        }
+
+        fn owner(&self) -> i32 {
+            4242
+        }
+    }
+
+    const GRACE: Duration = Duration::from_secs(15);
+    const DRAIN: Duration = Duration::from_secs(30);
+
+    fn owner_gone(script: &[(u64, Event)]) -> OwnerGone<Script> {
+        OwnerGone {
+            events: Script(script.iter().copied().collect()),
+            grace: GRACE,
+            drain_timeout: DRAIN,
+            early: None,
+        }
+    }
+
+    /// How the trigger says to stop, and how long after serving began.
+    async fn stop_of(mut trigger: OwnerGone<Script>) -> (Stop, Duration) {
+        let began = Instant::now();
+        let stop = trigger.stop(&Running::idle()).await;
+        (stop, began.elapsed())
+    }
+
+    fn secs(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    fn gracefully(grace: u64) -> Stop {
+        Stop::Gracefully { grace: secs(grace) }
+    }
+
+    const TERM: Event = Event::Signal("SIGTERM");
+
+    #[tokio::test(start_paused = true)]
+    async fn the_owner_gone_or_a_stop_request_gives_the_whole_grace() {
+        let owner = stop_of(owner_gone(&[(7, Event::OwnerExited)])).await;
+        assert_eq!(owner, (Stop::Gracefully { grace: GRACE }, secs(7)));
+        let hang_up = stop_of(owner_gone(&[(3, Event::Signal("SIGHUP"))])).await;
+        assert_eq!(hang_up, (Stop::Gracefully { grace: GRACE }, secs(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_sigterm_the_owner_exit_gets_what_is_left_of_the_drain_at_most_the_grace() {
+        // SIGTERM at 5 s: the deadline is at 35 s. The owner leaves at 25 s: 10 s are left,
+        // less than the grace.
+        let late = stop_of(owner_gone(&[(5, TERM), (20, Event::OwnerExited)])).await;
+        assert_eq!(late, (gracefully(10), secs(25)));
+        // The owner leaves at 10 s: the whole grace fits before the deadline.
+        let early = stop_of(owner_gone(&[(5, TERM), (5, Event::OwnerExited)])).await;
+        assert_eq!(early, (Stop::Gracefully { grace: GRACE }, secs(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn more_sigterms_change_nothing_and_the_deadline_ends_the_drain_without_grace() {
+        let script = [(5, TERM), (10, TERM), (10, TERM)];
+        let stop = stop_of(owner_gone(&script)).await;
+        assert_eq!(stop, (gracefully(0), secs(5) + DRAIN));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sigint_while_draining_leaves_at_once_and_sighup_after_what_is_left() {
+        let int = stop_of(owner_gone(&[(1, TERM), (2, Event::Signal("SIGINT"))])).await;
+        assert_eq!(int, (Stop::Now, secs(3)));
+        let hup = stop_of(owner_gone(&[(1, TERM), (27, Event::Signal("SIGHUP"))])).await;
+        assert_eq!(hup, (gracefully(3), secs(28)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sigterm_during_the_ready_wait_starts_the_drain_when_it_came() {
+        let mut trigger = owner_gone(&[(10, Event::OwnerExited)]);
+        // Heard 20 s before serving began (while waiting for readiness).
+        let heard_at = Instant::now();
+        tokio::time::advance(secs(20)).await;
+        trigger.early = Some((TERM, heard_at));
+        // The owner leaves 10 s into serving, 30 s after the signal: the deadline.
+        assert_eq!(stop_of(trigger).await, (gracefully(0), secs(10)));
     }
 }

@@ -41,9 +41,8 @@ pub fn run(lifecycle: &LifecycleSettings) -> ExitCode {
         unsafe { libc::_exit(0) }
     }));
     close_launcher_pipe();
-    // `heroku ps:exec` sessions (SSH_CLIENT) start nothing, as in the profile.d script.
-    let set = |name| std::env::var_os(name).is_some_and(|value| !value.is_empty());
-    if set("BPG_TUNNEL_DISABLE") || set("SSH_CLIENT") {
+    // `heroku ps:exec` sessions start nothing, as in the profile.d script.
+    if lifecycle.in_ps_exec {
         return ExitCode::SUCCESS;
     }
     // SAFETY: getppid has no preconditions.

@@ -8,9 +8,18 @@ use tracing::{error, info};
 
 use super::signals::Signals;
 use super::LifecycleSettings;
+use crate::config;
 use crate::engine::{self, EngineSettings, Running, Stop, Stopped, Trigger};
 
 pub async fn run(engine: &EngineSettings, lifecycle: &LifecycleSettings) -> ExitCode {
+    if lifecycle.disabled {
+        info!(
+            event = "disabled",
+            var = "BPG_TUNNEL_DISABLE",
+            "no tunnel started"
+        );
+        return ExitCode::SUCCESS;
+    }
     let signals = match Signals::new() {
         Ok(signals) => signals,
         Err(signal_error) => {
@@ -18,7 +27,7 @@ pub async fn run(engine: &EngineSettings, lifecycle: &LifecycleSettings) -> Exit
             return ExitCode::FAILURE;
         }
     };
-    let Some(running) = engine::start(engine).await else {
+    let Some(running) = engine::start(config::discover_env(), engine).await else {
         return ExitCode::FAILURE;
     };
     let mut trigger = Interrupted {

@@ -20,8 +20,6 @@ mod pidfile;
 pub mod run;
 mod signals;
 
-pub(crate) use pidfile::{check_private, private_dir, state_dirs};
-
 /// What the launch forms need; see [`crate::options::Options`].
 #[derive(Debug, Clone)]
 pub struct LifecycleSettings {
@@ -35,6 +33,10 @@ pub struct LifecycleSettings {
     pub state_dir: Option<PathBuf>,
     /// The options given as flags, as variables, for the re-executed daemon.
     pub flags_env: Vec<(String, OsString)>,
+    /// `BPG_TUNNEL_DISABLE`: start no tunnel.
+    pub disabled: bool,
+    /// In a `heroku ps:exec` session, where `start` and `exec-d` start nothing.
+    pub in_ps_exec: bool,
 }
 
 /// The core-file limit this process was started with, for `run`'s command.

@@ -8,36 +8,21 @@
 //! directory nor the file is ever reached through a symbolic link: a pid file under a shared
 //! temporary directory cannot be turned against another file or directory.
 
-use std::fs::File;
+use std::fs::{File, TryLockError};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::state_dir::{check_private, private_dir, state_dirs};
 
 const FILE_NAME: &str = "bpg-tunnel.pid";
 
-/// Where the pid file may be, in order: `state_dir` alone when given; otherwise
-/// `$XDG_RUNTIME_DIR`, `$HOME/.borealis-pg`, and a directory of this user's own under the
-/// temporary directory (`$TMPDIR`, else `/tmp`).
+/// Where the pid file may be, in order: one in each of [`state_dirs`].
 pub fn candidates(state_dir: Option<&Path>) -> Vec<PathBuf> {
     state_dirs(state_dir)
         .into_iter()
         .map(|dir| dir.join(FILE_NAME))
         .collect()
-}
-
-/// The directories of [`candidates`], in the same order: the status socket's places too.
-pub fn state_dirs(state_dir: Option<&Path>) -> Vec<PathBuf> {
-    if let Some(dir) = state_dir {
-        return vec![dir.to_owned()];
-    }
-    let mut dirs = Vec::new();
-    dirs.extend(std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from));
-    dirs.extend(std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".borealis-pg")));
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    dirs.push(std::env::temp_dir().join(format!("borealis-pg-{uid}")));
-    dirs.into_iter().filter(|dir| dir.is_absolute()).collect()
 }
 
 /// A live daemon found through its pid file.
@@ -73,9 +58,8 @@ fn holder(path: &Path) -> Option<Option<i32>> {
     if file.metadata().ok()?.uid() != unsafe { libc::geteuid() } {
         return None;
     }
-    // SAFETY: flock on a descriptor we own.
-    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-    if free {
+    // std's file locks are flock(2) on Linux: the same lock the daemon holds.
+    if file.try_lock_shared().is_ok() {
         // Stale: whoever wrote it is gone (the kernel released its lock).
         return None;
     }
@@ -158,20 +142,16 @@ thread_local! {
 fn lock_exclusive(file: &File) -> std::io::Result<bool> {
     // A `start` or `stop` looking for a daemon holds a shared lock for an instant: only a lock
     // still held after a while is another daemon's.
-    let mut tries = 0;
-    // SAFETY: flock on a descriptor we own.
-    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let error = std::io::Error::last_os_error();
-        if error.kind() != std::io::ErrorKind::WouldBlock {
-            return Err(error);
+    for _ in 0..10 {
+        match file.try_lock() {
+            Ok(()) => return Ok(true),
+            Err(TryLockError::WouldBlock) => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(TryLockError::Error(error)) => return Err(error),
         }
-        tries += 1;
-        if tries == 10 {
-            return Ok(false);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(true)
+    Ok(false)
 }
 
 /// Whether `file` is the file at `path` (not one unlinked or replaced since it was opened).
@@ -236,59 +216,6 @@ impl PidFile {
     }
 }
 
-/// Creates `dir` (owner only) if it is missing, and checks it as [`check_private`] does.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    // Whatever is there already (a symbolic link included) is judged below, never created
-    // through.
-    let missing = std::fs::symlink_metadata(dir)
-        .is_err_and(|error| error.kind() == std::io::ErrorKind::NotFound);
-    if missing {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    check_private(dir)
-}
-
-/// Why a state directory is not used.
-#[derive(Debug, thiserror::Error)]
-pub enum NotPrivate {
-    #[error("{} is a symbolic link, which is never followed (another user may have planted it): remove it, or name the directory itself", dir.display())]
-    Symlink { dir: PathBuf },
-    #[error("expected a directory of this user's that no other user can write to")]
-    OpenToOthers,
-}
-
-/// Refuses a directory another user could write to (or one owned by another user who is not
-/// root): they could replace the pid file, or plant one that points `stop` elsewhere. Refuses a
-/// symbolic link too, whatever it points to: in a shared temporary directory anyone can plant
-/// one where ours would be, aimed at a directory of root's, for a root daemon to create and
-/// remove its files in.
-pub fn check_private(dir: &Path) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(dir)?;
-    if meta.file_type().is_symlink() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            NotPrivate::Symlink {
-                dir: dir.to_owned(),
-            },
-        ));
-    }
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    let others_write = meta.mode() & 0o002 != 0;
-    let group_writes = meta.mode() & 0o020 != 0;
-    let owner_ok = meta.uid() == uid || (meta.uid() == 0 && !group_writes);
-    if !meta.is_dir() || others_write || !owner_ok {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            NotPrivate::OpenToOthers,
-        ));
-    }
-    Ok(())
-}
-
 impl Drop for PidFile {
     fn drop(&mut self) {
         // Removed while still locked, so that the file at the path is never one we have let go
@@ -351,7 +278,7 @@ mod tests {
         for content in ["", "0\n", "1\n", "-1\n", "junk\n"] {
             std::fs::write(&path, content).unwrap();
             let file = File::open(&path).unwrap();
-            assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+            file.lock().unwrap();
             let found = running_daemon(std::slice::from_ref(&path)).unwrap();
             assert_eq!(found.pid, None, "{content:?}");
         }
@@ -365,7 +292,7 @@ mod tests {
         let path = shared.path().join(FILE_NAME);
         std::fs::write(&path, "4000000\n").unwrap();
         let file = File::open(&path).unwrap();
-        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+        file.lock().unwrap();
         assert_eq!(running_daemon(std::slice::from_ref(&path)), None);
     }
 
@@ -398,9 +325,6 @@ mod tests {
         };
         assert_eq!(held.path(), paths[1]);
         drop(held);
-        let error = check_private(&planted).unwrap_err();
-        assert!(error.to_string().contains("symbolic link"), "{error}");
-        assert!(super::private_dir(&planted).is_err());
         assert!(std::fs::symlink_metadata(&planted)
             .unwrap()
             .file_type()

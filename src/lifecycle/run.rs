@@ -39,7 +39,16 @@ pub async fn run(
     // Nothing else runs yet, so this short blocking wait holds nothing up.
     super::daemon::replace_own(lifecycle);
     // A broken tunnel config must not keep the app from starting: run it regardless.
-    let running = engine::start(engine).await;
+    let running = if lifecycle.disabled {
+        info!(
+            event = "disabled",
+            var = "BPG_TUNNEL_DISABLE",
+            "the command runs without a tunnel"
+        );
+        None
+    } else {
+        engine::start(config::discover_env(), engine).await
+    };
     if let Some(running) = &running {
         // Whatever is not up yet is logged; the command starts either way, its connections wait.
         // A stop signal meanwhile means the command is not wanted any more: it is not started.
@@ -185,24 +194,7 @@ async fn next_signal(
                 index
             })
         });
-    futures_select_all(waits).await
-}
-
-/// Waits on whichever future finishes first (a small `select_all`, to avoid a dependency).
-async fn futures_select_all<F>(futures: impl Iterator<Item = std::pin::Pin<Box<F>>>) -> usize
-where
-    F: std::future::Future<Output = usize>,
-{
-    let mut futures: Vec<_> = futures.collect();
-    std::future::poll_fn(move |cx| {
-        for future in &mut futures {
-            if let std::task::Poll::Ready(index) = future.as_mut().poll(cx) {
-                return std::task::Poll::Ready(index);
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
+    futures_util::future::select_all(waits).await.0
 }
 
 /// Collects every exited child: ours and any orphan handed to us as PID 1.

@@ -89,7 +89,7 @@ impl Drop for SshForward {
     fn drop(&mut self) {
         for pid in self.pids() {
             // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            super::signal(pid, libc::SIGKILL);
         }
         let _ = self.child.wait();
     }

@@ -122,7 +122,7 @@ impl Postgres {
 
     /// Stops the server as an operator's restart would (fast shutdown: sessions are ended).
     pub fn stop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        super::signal(self.child.id() as i32, libc::SIGINT);
         let _ = self.child.wait();
     }
 
@@ -238,7 +238,7 @@ fn launch(pg_bin: &Path, dir: &Path, port: u16) -> Child {
 impl Drop for Postgres {
     fn drop(&mut self) {
         // SIGQUIT: immediate shutdown, no checkpoint; the data is thrown away anyway.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        super::signal(self.child.id() as i32, libc::SIGQUIT);
         let _ = self.child.wait();
     }
 }

@@ -47,6 +47,18 @@ pub fn wait_gone(pid: i32, timeout: Duration) -> Option<Duration> {
     None
 }
 
+/// Sends `signal` to `pid` (a negative pid: its process group), as `kill(1)` would.
+pub fn signal(pid: i32, signal: i32) {
+    // SAFETY: kill only sends a signal; the tests signal only processes they started.
+    unsafe { libc::kill(pid, signal) };
+}
+
+/// This process's effective user id.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
 pub fn process_alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         !stat

@@ -368,7 +368,7 @@ LogLevel {log_level}
     pub fn signal_sessions(&self, signal: i32) -> usize {
         let pids = self.session_pids();
         for pid in &pids {
-            unsafe { libc::kill(*pid, signal) };
+            super::signal(*pid, signal);
         }
         pids.len()
     }
@@ -381,10 +381,8 @@ LogLevel {log_level}
             let _ = child.wait();
         }
         for pid in sessions {
-            unsafe {
-                libc::kill(pid, libc::SIGCONT);
-                libc::kill(pid, libc::SIGKILL);
-            }
+            super::signal(pid, libc::SIGCONT);
+            super::signal(pid, libc::SIGKILL);
         }
     }
 }

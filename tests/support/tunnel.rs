@@ -212,7 +212,7 @@ impl Tunnel {
     }
 
     pub fn signal(&self, signal: i32) {
-        unsafe { libc::kill(self.pid(), signal) };
+        super::signal(self.pid(), signal);
     }
 
     /// Waits for the process to exit, and then for what it wrote to be read: a test that
@@ -245,7 +245,7 @@ impl Tunnel {
 impl Drop for Tunnel {
     fn drop(&mut self) {
         // The whole group: a bash "dyno" and everything it started.
-        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+        super::signal(-self.pid(), libc::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

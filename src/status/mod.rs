@@ -6,27 +6,31 @@
 //! another user is refused. Who answers there is decided by a `flock` on `bpg-tunnel.sock.lock`,
 //! held for the process's life: the kernel lets go of it when the process dies, so a socket file
 //! left behind is known to be stale, and two tunnels starting at once never remove each other's
-//! socket. A connection gets one JSON document and is closed. `status` asks the first socket
-//! that answers and prints what it got, for people or (`--json`) as it came.
+//! socket. A connection gets one JSON document (an `Answer`, the type both ends share) and is
+//! closed. `status` asks the first socket that answers and prints what it got, for people or
+//! (`--json`) as JSON.
 
-use std::fs::File;
+use std::fs::{File, TryLockError};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::{json, Value};
+use serde_json::error::Category;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::lifecycle::{check_private, private_dir, state_dirs};
 use crate::logfmt::escape_controls;
+use crate::state_dir::{check_private, private_dir, state_dirs};
 use crate::stats::{rss_bytes, Phase, Stats};
+
+mod answer;
+
+use answer::{Addon, Answer, Bytes, Connections, LastError, Registration, Session, Status};
 
 const SOCKET_NAME: &str = "bpg-tunnel.sock";
 const LOCK_NAME: &str = "bpg-tunnel.sock.lock";
@@ -106,8 +110,10 @@ impl StatusSocket {
             if !stream.peer_cred().is_ok_and(|peer| peer.uid() == uid) {
                 continue;
             }
-            let answer = snapshot(&stats).to_string();
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(answer.as_bytes())).await;
+            let Ok(answer) = serde_json::to_vec(&snapshot(&stats)) else {
+                continue;
+            };
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&answer)).await;
         }
         // Removed while the lock is still held: no newcomer has bound there yet.
         let _ = std::fs::remove_file(&self.path);
@@ -123,15 +129,12 @@ fn lock(path: &Path) -> std::io::Result<Option<File>> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let error = std::io::Error::last_os_error();
-        return match error.kind() {
-            std::io::ErrorKind::WouldBlock => Ok(None),
-            _ => Err(error),
-        };
+    // std's file locks are flock(2) on Linux, as `lifecycle`'s pid file is.
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(error)) => Err(error),
     }
-    Ok(Some(file))
 }
 
 fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
@@ -140,63 +143,72 @@ fn bind_owner_only(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// What `status --json` prints.
-fn snapshot(stats: &Stats) -> Value {
+/// The answer as of now.
+fn snapshot(stats: &Stats) -> Answer {
     let now = SystemTime::now();
-    let addons: Vec<Value> = stats
+    let addons = stats
         .addons()
         .iter()
         .map(|addon| {
             let session = addon.session();
-            json!({
-                "addon": addon.name,
-                "server": addon.server,
-                "session": {
-                    "up": session.up,
-                    "since": session.since.map(time),
-                    "last_error": session.last_error.map(error_at),
+            Addon {
+                addon: addon.name.clone(),
+                server: addon.server.clone(),
+                session: Session {
+                    up: session.up,
+                    since: session.since.map(time),
+                    last_error: session.last_error.map(error_at),
                 },
-                "reconnects": addon.reconnects.get(),
-                "connections": {
-                    "open": addon.open.get(),
-                    "accepted": addon.accepted.get(),
-                    "waited": addon.waited.get(),
-                    "wait_expired": addon.wait_expired.get(),
-                    "refused": addon.refused.get(),
+                reconnects: addon.reconnects.get(),
+                connections: Connections {
+                    open: addon.open.get(),
+                    accepted: addon.accepted.get(),
+                    waited: addon.waited.get(),
+                    wait_expired: addon.wait_expired.get(),
+                    refused: addon.refused.get(),
                 },
-                "bytes": {"up": addon.bytes_up.get(), "down": addon.bytes_down.get()},
-            })
+                bytes: Bytes {
+                    up: addon.bytes_up.get(),
+                    down: addon.bytes_down.get(),
+                },
+            }
         })
         .collect();
-    let registrations: Vec<Value> = stats
+    let registrations = stats
         .registrations()
         .iter()
         .map(|registration| {
             let state = registration.state();
-            json!({
-                "addon": registration.name,
-                "registered": state.registered,
-                "last_renewed": state.last_renewed.map(time),
-                "expires_at": state.expires_at().map(time),
-                "last_error": state.last_error.map(error_at),
-            })
+            Registration {
+                addon: registration.name.clone(),
+                registered: state.registered,
+                last_renewed: state.last_renewed.map(time),
+                expires_at: state.expires_at().map(time),
+                last_error: state.last_error.map(error_at),
+            }
         })
         .collect();
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "pid": std::process::id(),
-        "started_at": time(stats.started()),
-        "uptime_s": now.duration_since(stats.started()).unwrap_or_default().as_secs(),
-        "phase": stats.phase().name(),
-        "all_up": stats.phase() == Phase::Serving && stats.all_up(),
-        "rss_bytes": rss_bytes(),
-        "addons": addons,
-        "registrations": registrations,
-    })
+    Answer {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        started_at: time(stats.started()),
+        uptime_s: now
+            .duration_since(stats.started())
+            .unwrap_or_default()
+            .as_secs(),
+        phase: stats.phase().name().to_owned(),
+        all_up: stats.phase() == Phase::Serving && stats.all_up(),
+        rss_bytes: rss_bytes(),
+        addons,
+        registrations,
+    }
 }
 
-fn error_at((at, error): (SystemTime, String)) -> Value {
-    json!({"at": time(at), "error": error})
+fn error_at((at, error): (SystemTime, String)) -> LastError {
+    LastError {
+        at: time(at),
+        error,
+    }
 }
 
 fn time(at: SystemTime) -> String {
@@ -236,10 +248,11 @@ pub fn run(settings: &StatusSettings) -> ExitCode {
     let Some(answer) = answer else {
         let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
         if settings.json {
-            println!(
-                "{}",
-                json!({"running": false, "looked_in": looked, "no_answer": silent})
-            );
+            let status = Status::NotRunning {
+                looked_in: looked,
+                no_answer: silent,
+            };
+            println!("{}", json(&status));
         } else if !silent.is_empty() {
             println!(
                 "a bpg-tunnel socket is there, but nothing answered on it ({}); is `status` run as the user the tunnel runs as?",
@@ -253,19 +266,23 @@ pub fn run(settings: &StatusSettings) -> ExitCode {
         }
         return ExitCode::from(NOT_RUNNING);
     };
-    let all_up = answer["all_up"].as_bool().unwrap_or(false);
+    let all_up = answer.all_up;
     if settings.json {
-        let mut answer = answer;
-        answer["running"] = Value::Bool(true);
-        println!("{answer:#}");
+        println!("{:#}", json(&Status::Running(answer)));
     } else {
-        print!("{}", human(&answer));
+        print!("{}", answer.human());
     }
     ExitCode::from(if all_up { UP } else { NOT_ALL_UP })
 }
 
+/// `status` as `--json` prints it: as a [`serde_json::Value`], whose keys come out sorted, as
+/// they always have.
+fn json(status: &Status) -> serde_json::Value {
+    serde_json::to_value(status).expect("an answer is strings, numbers and lists")
+}
+
 enum Asked {
-    Answer(Value),
+    Answer(Answer),
     /// Nothing listens there.
     Nobody,
     /// Something accepted the connection but gave no usable answer, and why.
@@ -289,114 +306,19 @@ fn ask(path: &Path) -> Asked {
         return Asked::Silent(error.to_string());
     }
     match serde_json::from_str(&text) {
-        Ok(value) => Asked::Answer(value),
+        Ok(answer) => Asked::Answer(answer),
         Err(_) if text.is_empty() => Asked::Silent("the connection was closed unanswered".into()),
+        Err(error) if error.classify() == Category::Data => Asked::Silent(format!(
+            "the answer is not one this bpg-tunnel reads ({error})"
+        )),
         Err(_) => Asked::Silent("the answer is not JSON".into()),
     }
 }
 
-/// The answer for people: a head line, then a few lines per add-on. Every string in it is shown
-/// escaped: an error's text is what the server said (an SSH disconnect message, an API's
-/// answer), and names and addresses come from the environment.
-fn human(answer: &Value) -> String {
-    let mut out = format!(
-        "bpg-tunnel {} (pid {}), {}, running for {}, memory {}\n",
-        shown(&answer["version"]),
-        answer["pid"],
-        shown(&answer["phase"]),
-        ago(answer["uptime_s"].as_u64().unwrap_or(0)),
-        answer["rss_bytes"]
-            .as_u64()
-            .map(|b| format!("{:.1} MB", b as f64 / (1024.0 * 1024.0)))
-            .unwrap_or_else(|| "?".into()),
-    );
-    let now = SystemTime::now();
-    for addon in answer["addons"].as_array().into_iter().flatten() {
-        let session = &addon["session"];
-        let up = session["up"].as_bool().unwrap_or(false);
-        let since = session["since"]
-            .as_str()
-            .map(|at| format!(" since {}{}", escape_controls(at), since_ago(at, now)))
-            .unwrap_or_default();
-        out += &format!(
-            "{} {}: SSH session {}{since}, server {}\n",
-            if up { "✓" } else { "✗" },
-            shown(&addon["addon"]),
-            if up { "up" } else { "down" },
-            shown(&addon["server"]),
-        );
-        let c = &addon["connections"];
-        out += &format!(
-            "    connections: {} open, {} in all, {} waited for a session, {} gave up waiting, {} refused by the server\n",
-            c["open"], c["accepted"], c["waited"], c["wait_expired"], c["refused"]
-        );
-        out += &format!(
-            "    bytes: {} up, {} down; reconnects: {}\n",
-            addon["bytes"]["up"], addon["bytes"]["down"], addon["reconnects"]
-        );
-        out += &last_error(&session["last_error"]);
-    }
-    for registration in answer["registrations"].as_array().into_iter().flatten() {
-        let registered = registration["registered"].as_bool().unwrap_or(false);
-        out += &format!(
-            "{} {}: {}",
-            if registered { "✓" } else { "✗" },
-            shown(&registration["addon"]),
-            if registered {
-                "registered"
-            } else {
-                "not registered"
-            },
-        );
-        if let Some(renewed) = registration["last_renewed"].as_str() {
-            out += &format!(", renewed {}", escape_controls(renewed));
-        }
-        if let Some(expires) = registration["expires_at"].as_str() {
-            out += &format!(", expires {} unless renewed", escape_controls(expires));
-        }
-        out += "\n";
-        out += &last_error(&registration["last_error"]);
-    }
-    out += if answer["all_up"].as_bool().unwrap_or(false) {
-        "everything is up\n"
-    } else {
-        "not everything is up\n"
-    };
-    out
-}
-
-/// The `last error` line, or nothing when there was none.
-fn last_error(error: &Value) -> String {
-    match error.as_object() {
-        Some(error) => format!(
-            "    last error ({}): {}\n",
-            shown(&error["at"]),
-            shown(&error["error"])
-        ),
-        None => String::new(),
-    }
-}
-
-/// A string of the answer as people see it: escaped, or `?` when it is missing.
-fn shown(value: &Value) -> String {
-    value.as_str().map_or_else(|| "?".into(), escape_controls)
-}
-
-/// ` (5m 3s ago)`, when `at` can be read.
-fn since_ago(at: &str, now: SystemTime) -> String {
-    humantime::parse_rfc3339(at)
-        .ok()
-        .and_then(|at| now.duration_since(at).ok())
-        .map(|d| format!(" ({} ago)", ago(d.as_secs())))
-        .unwrap_or_default()
-}
-
-fn ago(secs: u64) -> String {
-    humantime::format_duration(Duration::from_secs(secs)).to_string()
-}
-
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -406,7 +328,7 @@ mod tests {
         let addon = stats.addon("DATABASE").unwrap();
         addon.session_up(false);
         addon.session_down("no answer to keepalives for 9000 ms".into());
-        let text = human(&snapshot(&stats));
+        let text = snapshot(&stats).human();
         assert!(
             text.contains("✗ DATABASE: SSH session down since "),
             "{text}"
@@ -418,7 +340,7 @@ mod tests {
         );
         assert!(text.ends_with("not everything is up\n"), "{text}");
         addon.session_up(true);
-        let text = human(&snapshot(&stats));
+        let text = snapshot(&stats).human();
         assert!(text.contains("✓ DATABASE: SSH session up since "), "{text}");
         assert!(text.contains("reconnects: 1"), "{text}");
         assert!(text.ends_with("\neverything is up\n"), "{text}");
@@ -437,7 +359,7 @@ mod tests {
         stats.advance(Phase::Serving);
         let addon = stats.addons()[0].clone();
         addon.session_down("bye\x1b[2J\r\n✓ DATABASE: SSH session up\n".into());
-        let text = human(&snapshot(&stats));
+        let text = snapshot(&stats).human();
         assert!(
             !text.contains(['\x1b', '\r', '\x07']),
             "raw control characters: {text:?}"
@@ -459,6 +381,103 @@ mod tests {
             text.lines().filter(|l| l.starts_with('✓')).count(),
             0,
             "{text}"
+        );
+    }
+
+    /// Stats whose answer has every field set, none at its default.
+    fn busy() -> Stats {
+        let stats = Stats::new(
+            &[("DATABASE".into(), "ssh.example:22".into())],
+            &["REPORTS".into()],
+        );
+        stats.advance(Phase::Serving);
+        let addon = stats.addon("DATABASE").unwrap();
+        addon.session_down("refused\n\u{1b}[2J".into());
+        addon.session_up(false);
+        for counter in [
+            &addon.accepted,
+            &addon.waited,
+            &addon.wait_expired,
+            &addon.refused,
+            &addon.bytes_up,
+            &addon.bytes_down,
+            &addon.reconnects,
+        ] {
+            counter.inc();
+        }
+        addon.open.inc();
+        let registration = stats.registration("REPORTS").unwrap();
+        registration.renewed();
+        registration.failed("status=401".into());
+        stats
+    }
+
+    #[test]
+    fn an_answer_comes_back_from_its_json_as_it_was_sent() {
+        let sent = snapshot(&busy());
+        assert!(sent.all_up && sent.rss_bytes.is_some(), "{sent:?}");
+        assert!(sent.addons[0].session.last_error.is_some(), "{sent:?}");
+        assert!(sent.registrations[0].expires_at.is_some(), "{sent:?}");
+        let text = serde_json::to_string(&sent).unwrap();
+        let read: Answer = serde_json::from_str(&text).unwrap();
+        assert_eq!(read, sent);
+    }
+
+    #[test]
+    fn the_json_has_the_keys_scripts_read() {
+        let answer = snapshot(&busy());
+        let mut printed = serde_json::to_value(Status::Running(answer.clone())).unwrap();
+        for volatile in ["version", "pid", "started_at", "uptime_s", "rss_bytes"] {
+            assert!(printed[volatile] != json!(null), "{volatile}: {printed:#}");
+            printed[volatile] = json!(null);
+        }
+        let addon = &answer.addons[0];
+        let registration = &answer.registrations[0];
+        let expected = json!({
+            "running": true,
+            "version": null,
+            "pid": null,
+            "started_at": null,
+            "uptime_s": null,
+            "phase": "serving",
+            "all_up": true,
+            "rss_bytes": null,
+            "addons": [{
+                "addon": "DATABASE",
+                "server": "ssh.example:22",
+                "session": {
+                    "up": true,
+                    "since": addon.session.since,
+                    "last_error": {
+                        "at": addon.session.last_error.as_ref().unwrap().at,
+                        "error": "refused\n\u{1b}[2J",
+                    },
+                },
+                "reconnects": 1,
+                "connections": {
+                    "open": 1, "accepted": 1, "waited": 1, "wait_expired": 1, "refused": 1,
+                },
+                "bytes": {"up": 1, "down": 1},
+            }],
+            "registrations": [{
+                "addon": "REPORTS",
+                "registered": true,
+                "last_renewed": registration.last_renewed,
+                "expires_at": registration.expires_at,
+                "last_error": {
+                    "at": registration.last_error.as_ref().unwrap().at,
+                    "error": "status=401",
+                },
+            }],
+        });
+        assert_eq!(printed, expected);
+        assert_eq!(
+            serde_json::to_value(Status::NotRunning {
+                looked_in: vec!["/tmp/a".into()],
+                no_answer: vec![],
+            })
+            .unwrap(),
+            json!({"running": false, "looked_in": ["/tmp/a"], "no_answer": []})
         );
     }
 }

@@ -3,13 +3,14 @@
 //! into each component's own settings, once; nothing else reads `Options`.
 //!
 //! A value that cannot be used never stops the process (the app would not start with it): clap
-//! takes every value as text, and [`Options::settings`] checks it, uses the default instead of
-//! a bad one, and returns what it replaced, for a warning that names the variable (or flag),
-//! what was expected and the default used.
+//! takes every value as text, and [`Options::settings`] checks it with the parsers in `parse`,
+//! uses the default instead of a bad one, and returns what it replaced, for a warning that names
+//! the variable (or flag), what was expected and the default used.
+
+mod parse;
 
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
@@ -21,9 +22,10 @@ use crate::lifecycle::LifecycleSettings;
 use crate::private_app::RegistrationSettings;
 use crate::ssh::SessionSettings;
 use crate::supervisor::SupervisorSettings;
-
-/// The longest piece of a bad value quoted back in a warning.
-const SHOWN_CHARS: usize = 64;
+use parse::{
+    parse_duration, parse_extend_interval, parse_health_addr, parse_keepalive_count,
+    parse_log_filter, parse_metrics_interval, parse_positive_duration, InvalidValue,
+};
 
 // Every field is the value as given; `settings` parses it (see the module's comment).
 #[derive(Debug, Clone, Args)]
@@ -149,6 +151,12 @@ pub struct Options {
     )]
     private_tunnel_request_timeout: OsString,
 
+    /// Any non-empty value starts no tunnel: `start` and `exec-d` do nothing, `run` runs its
+    /// command alone, and `bpg-tunnel` exits at once (as the profile.d script, which checks it
+    /// before starting anything).
+    #[arg(long, env = "BPG_TUNNEL_DISABLE", value_name = "ANY")]
+    disable: Option<OsString>,
+
     /// Tests only: a PEM file of one more CA to trust for the add-on's API, on top of the
     /// built-in web roots. Honoured only by builds with the `test-api-ca` feature; declared in
     /// every build, so that a release build warns about it rather than refusing to start.
@@ -206,6 +214,7 @@ impl Options {
             invalid: Vec::new(),
             bad_flags: Vec::new(),
         };
+        let dyno = Dyno::from_env();
         let mut settings = Settings {
             engine: EngineSettings {
                 supervisor: SupervisorSettings {
@@ -271,7 +280,7 @@ impl Options {
                     health_addr: read.value("health_addr", &self.health_addr, parse_health_addr),
                     state_dir: path(&self.state_dir),
                 },
-                dyno: Dyno::from_env(),
+                dyno: dyno.clone(),
             },
             lifecycle: LifecycleSettings {
                 ready_timeout: read.value("ready_timeout", &self.ready_timeout, parse_duration),
@@ -279,6 +288,8 @@ impl Options {
                 grace: read.value("grace", &self.grace, parse_duration),
                 state_dir: path(&self.state_dir),
                 flags_env: Vec::new(),
+                disabled: self.disable.as_ref().is_some_and(|value| !value.is_empty()),
+                in_ps_exec: dyno.in_ps_exec,
             },
             log: read.value("log", &self.log, parse_log_filter),
         };
@@ -295,6 +306,10 @@ impl Options {
 
     /// A release build says so when the tests' variable is set, and goes on without it.
     #[cfg(not(feature = "test-api-ca"))]
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "BPG_TUNNEL_* variables are this module's to read"
+    )]
     fn test_api_ca_file(&self, read: &mut Reader) -> Option<PathBuf> {
         if std::env::var_os("BPG_TUNNEL_TEST_API_CA_FILE").is_some() {
             read.invalid.push(InvalidSetting {
@@ -347,7 +362,7 @@ impl Reader<'_> {
     }
 
     /// `raw` parsed, or (remembering why) the option's default.
-    fn value<T>(&mut self, id: &str, raw: &OsStr, parse: fn(&str) -> Result<T, String>) -> T {
+    fn value<T>(&mut self, id: &str, raw: &OsStr, parse: fn(&str) -> Result<T, InvalidValue>) -> T {
         let default = self.arg(id).get_default_values()[0]
             .to_str()
             .expect("defaults are text")
@@ -357,7 +372,7 @@ impl Reader<'_> {
             // An empty value is no value: a config var set to nothing means the default.
             Some(text) if text.trim().is_empty() => return parse(default).expect("defaults parse"),
             Some(text) => parse(text),
-            None => Err("is not valid UTF-8".to_owned()),
+            None => Err(InvalidValue::NotUtf8),
         };
         parsed.unwrap_or_else(|problem| {
             let name = self.name_of(id);
@@ -366,7 +381,7 @@ impl Reader<'_> {
             }
             self.invalid.push(InvalidSetting {
                 name,
-                problem,
+                problem: problem.to_string(),
                 default: default.to_owned(),
             });
             parse(default).expect("defaults parse")
@@ -427,148 +442,24 @@ fn flags_as_env(
         .collect()
 }
 
-/// `raw` as quoted back in a message: at most [`SHOWN_CHARS`] characters of it.
-fn shown(raw: &str) -> String {
-    let mut chars = raw.chars();
-    let head: String = chars.by_ref().take(SHOWN_CHARS).collect();
-    if chars.next().is_some() {
-        format!("{head:?}…")
-    } else {
-        format!("{head:?}")
-    }
-}
-
-/// A level, or `target=level` directives separated by commas. Stricter than tracing's own
-/// syntax on purpose: there a misspelt level (`verbose`) is read as a target name, which would
-/// silence the daemon without a word.
-fn parse_log_filter(raw: &str) -> Result<String, String> {
-    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    let expected = "expected a level (error, warn, info, debug, trace, off) or target=level pairs separated by commas";
-    let filter = raw.trim().to_ascii_lowercase();
-    if filter == "quiet" {
-        return Ok("warn".to_owned());
-    }
-    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let (target_ok, level) = match directive.split_once('=') {
-            Some((target, level)) => (
-                !target.trim().is_empty()
-                    && target
-                        .trim()
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-')),
-                level,
-            ),
-            None => (true, directive),
-        };
-        if !target_ok || !LEVELS.contains(&level.trim()) {
-            return Err(format!("{} is not a log filter; {expected}", shown(raw)));
-        }
-    }
-    Ok(filter)
-}
-
-/// Zero (never), or at least a second: more often would flood the log stream.
-fn parse_metrics_interval(raw: &str) -> Result<Duration, String> {
-    match parse_duration(raw)? {
-        d if d.is_zero() || d >= Duration::from_secs(1) => Ok(d),
-        _ => Err(format!(
-            "{} is too short; expected 0 (no metrics lines) or at least 1s",
-            shown(raw)
-        )),
-    }
-}
-
-/// `host:port`, or `off`.
-fn parse_health_addr(raw: &str) -> Result<Option<std::net::SocketAddr>, String> {
-    let raw = raw.trim();
-    if raw.eq_ignore_ascii_case("off") {
-        return Ok(None);
-    }
-    raw.parse().map(Some).map_err(|_| {
-        format!(
-            "{} is not an address; expected an IP address and port such as 127.0.0.1:9090, or off \
-             (0.0.0.0:9090 opens it to the whole network: only where the platform's probes \
-             need it and nothing else can reach it)",
-            shown(raw)
-        )
-    })
-}
-
-fn parse_keepalive_count(raw: &str) -> Result<u32, String> {
-    match raw.trim().parse::<u32>() {
-        Ok(count) if (2..100).contains(&count) => Ok(count),
-        _ => Err(format!("{} is not a count from 2 to 99", shown(raw))),
-    }
-}
-
-/// A renewal period the add-on's 75 min expiry leaves room for.
-fn parse_extend_interval(raw: &str) -> Result<Duration, String> {
-    let interval = parse_positive_duration(raw)?;
-    if interval >= Duration::from_secs(75 * 60) {
-        return Err(format!(
-            "{} is too long; expected less than 75m: the add-on drops a registration 75 min after its last renewal",
-            shown(raw)
-        ));
-    }
-    Ok(interval)
-}
-
-/// Like [`parse_duration`], but zero is refused (a zero connect timeout or keepalive interval
-/// would keep every session from ever staying up).
-fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
-    match parse_duration(raw)? {
-        d if d < Duration::from_millis(100) => Err(format!(
-            "{} is too short; expected at least 100ms",
-            shown(raw)
-        )),
-        d => Ok(d),
-    }
-}
-
-/// Longest duration accepted anywhere: keeps deadline arithmetic far from overflow.
-const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
-
-/// Accepts `250ms`, `3s`, `2m`, `1h`, or a bare number of seconds (`1.5`).
-fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(raw.len());
-    let (number, unit) = raw.split_at(split);
-    let number: f64 = number.parse().map_err(|_| {
-        format!(
-            "{} is not a duration; expected e.g. 500ms, 3s, 2m",
-            shown(raw)
-        )
-    })?;
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        other => {
-            return Err(format!(
-                "{} has the unknown unit {}; expected ms, s, m or h",
-                shown(raw),
-                shown(other)
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(number * scale)
+/// How many cases each property test runs: `BPG_TUNNEL_FUZZ_CASES` (`make fuzz`), else 256.
+#[cfg(test)]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "BPG_TUNNEL_* variables are this module's to read"
+)]
+pub(crate) fn fuzz_cases() -> u32 {
+    std::env::var("BPG_TUNNEL_FUZZ_CASES")
         .ok()
-        .filter(|d| *d <= MAX_DURATION)
-        .ok_or_else(|| {
-            format!(
-                "{} is out of range; expected at most 24h, e.g. 500ms, 3s, 2m",
-                shown(raw)
-            )
-        })
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(256)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::{CommandFactory, FromArgMatches};
+    use std::time::Duration;
 
     #[derive(Debug, clap::Parser)]
     struct Cli {
@@ -667,57 +558,6 @@ mod tests {
         assert_eq!(settings.lifecycle.state_dir, None);
     }
 
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
-            std::env::var("BPG_TUNNEL_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
-        ))]
-
-        #[test]
-        fn setting_values_never_panic_and_are_quoted_only_in_part(raw in ".{0,300}") {
-            for problem in [
-                parse_duration(&raw).err(),
-                parse_positive_duration(&raw).err(),
-                parse_extend_interval(&raw).err(),
-                parse_keepalive_count(&raw).err(),
-                parse_log_filter(&raw).err(),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                // Debug-quoting may write a character as up to ten (`\u{10ffff}`).
-                proptest::prop_assert!(problem.chars().count() <= 10 * SHOWN_CHARS + 200, "{}", problem);
-            }
-        }
-    }
-
-    #[test]
-    fn log_filters_are_levels_or_target_level_pairs() {
-        assert_eq!(parse_log_filter("INFO"), Ok("info".to_owned()));
-        assert_eq!(parse_log_filter(" Quiet "), Ok("warn".to_owned()));
-        assert_eq!(
-            parse_log_filter("warn, bpg_tunnel=debug,russh::client=trace"),
-            Ok("warn, bpg_tunnel=debug,russh::client=trace".to_owned())
-        );
-        for bad in [
-            "verbose",
-            "info,loud",
-            "bpg_tunnel=loud",
-            "a b=info",
-            "=info",
-        ] {
-            assert!(parse_log_filter(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn long_values_are_quoted_only_in_part() {
-        let long = "x".repeat(10_000);
-        let problem = parse_duration(&long).unwrap_err();
-        assert!(problem.len() < 200, "{problem}");
-        assert!(problem.starts_with(&format!("\"{}\"…", "x".repeat(64))));
-        assert_eq!(shown("short"), "\"short\"");
-    }
-
     #[test]
     fn every_option_is_a_variable_too() {
         let command = options_command();
@@ -765,62 +605,24 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("3 fortnights").is_err());
-        assert!(parse_duration("1e30").is_err());
-        assert!(parse_duration("25h").is_err());
-        assert!(parse_positive_duration("0").is_err());
-        assert_eq!(parse_positive_duration("1s"), Ok(Duration::from_secs(1)));
-    }
-
-    #[test]
-    fn metrics_intervals_are_off_or_at_least_a_second() {
-        assert_eq!(parse_metrics_interval("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_metrics_interval("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_metrics_interval("60s"), Ok(Duration::from_secs(60)));
-        let short = parse_metrics_interval("999ms").unwrap_err();
-        assert!(
-            short.contains("expected 0 (no metrics lines) or at least 1s"),
-            "{short}"
-        );
-        assert!(parse_metrics_interval("often").is_err());
-    }
-
-    #[test]
-    fn health_addresses_are_ip_and_port_or_off() {
-        assert_eq!(parse_health_addr("off"), Ok(None));
-        assert_eq!(parse_health_addr(" OFF "), Ok(None));
+    fn a_value_that_is_not_text_is_replaced_without_being_quoted() {
+        use std::os::unix::ffi::OsStringExt;
+        let argv = [
+            OsString::from("bpg-tunnel"),
+            OsString::from("--log"),
+            OsString::from_vec(b"de\xffbug".to_vec()),
+        ];
+        let matches = Cli::command().try_get_matches_from(argv).unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        let (settings, invalid) = cli.options.settings(&matches);
+        assert_eq!(settings.log, "info");
         assert_eq!(
-            parse_health_addr("127.0.0.1:9090"),
-            Ok(Some("127.0.0.1:9090".parse().unwrap()))
+            invalid,
+            [InvalidSetting {
+                name: "--log".to_owned(),
+                problem: "is not valid UTF-8".to_owned(),
+                default: "info".to_owned(),
+            }]
         );
-        assert_eq!(
-            parse_health_addr("[::1]:9090"),
-            Ok(Some("[::1]:9090".parse().unwrap()))
-        );
-        for bad in [
-            "9090",
-            "localhost:9090",
-            "127.0.0.1",
-            "127.0.0.1:99999",
-            "on",
-        ] {
-            let problem = parse_health_addr(bad).unwrap_err();
-            assert!(
-                problem.contains("such as 127.0.0.1:9090"),
-                "{bad}: {problem}"
-            );
-            // Whoever copies the wildcard address from the message is told what it opens.
-            assert!(
-                problem.contains("0.0.0.0:9090 opens it to the whole network"),
-                "{bad}: {problem}"
-            );
-        }
     }
 }
