@@ -1,8 +1,9 @@
-//! The engine: every add-on's tunnels, from the environment to the last byte of a graceful stop.
+//! The engine: every add-on's tunnels, from the add-ons found to the last byte of a graceful stop.
 //!
-//! [`start`] takes the add-ons the launch form discovered, binds every listener before the first SSH connect (so an app
-//! that connects at once is queued rather than refused), and starts a supervisor per add-on, a
-//! serving task per listener and a registration per private-app add-on. [`Running::serve`] then
+//! [`start`] takes the add-ons the launch form discovered, binds every listener before the first
+//! SSH connect (so an app that connects at once is queued rather than refused), and starts a
+//! supervisor per add-on, a serving task per listener and a registration per private-app
+//! add-on. [`Running::serve`] then
 //! serves until the launch form's [`Trigger`] says to stop, and stops the one way there is: stop
 //! accepting, give open connections the grace, cut the rest, end every session and registration,
 //! all within a bound. Launch forms (`lifecycle/`) decide *when*; this module decides *how*.

@@ -50,3 +50,13 @@ pub use engine::runtime;
 /// measures on a real sshd.
 #[doc(hidden)]
 pub use supervisor::{auth_failure_pause, most_attempts_within, DEFAULT_AUTH_FAILURE_DELAY};
+
+/// How many cases each property test runs: `BPG_TUNNEL_FUZZ_CASES` (`make fuzz`), else 256.
+#[cfg(test)]
+#[expect(clippy::disallowed_methods, reason = "tests only: `make fuzz` sets it")]
+pub(crate) fn fuzz_cases() -> u32 {
+    std::env::var("BPG_TUNNEL_FUZZ_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(256)
+}

@@ -84,7 +84,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_places_are_the_state_dir_alone_or_a_fixed_order() {
+    fn the_places_are_the_state_dir_alone_or_end_in_one_of_this_users_own_under_tmp() {
         assert_eq!(
             state_dirs(Some(Path::new("/srv/state"))),
             [PathBuf::from("/srv/state")]

@@ -78,40 +78,98 @@ fn code_of(text: &str) -> String {
     code
 }
 
-/// The top-level modules `code` names through `crate::`, including inside `use crate::{a, b}`.
+/// The top-level names `code` reaches through `crate::`, including inside (nested) groups:
+/// `use crate::{a::{b, c}, d}` names `a` and `d`.
 fn uses(code: &str) -> BTreeSet<String> {
     let ident = |text: &str| -> String {
-        text.chars()
+        text.trim_start()
+            .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect()
     };
     let mut found = BTreeSet::new();
     for (at, _) in code.match_indices("crate::") {
         let rest = &code[at + "crate::".len()..];
-        if let Some(group) = rest.strip_prefix('{') {
-            let group = &group[..group.find('}').unwrap_or(group.len())];
-            found.extend(group.split(',').map(|item| ident(item.trim())));
-        } else {
+        let Some(group) = rest.strip_prefix('{') else {
             found.insert(ident(rest));
+            continue;
+        };
+        // The items of the group at its own depth: each one's first name.
+        let mut depth = 0;
+        let mut item_start = true;
+        for (i, c) in group.char_indices() {
+            if item_start && depth == 0 {
+                found.insert(ident(&group[i..]));
+                item_start = false;
+            }
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => break,
+                '}' => depth -= 1,
+                ',' if depth == 0 => item_start = true,
+                _ => {}
+            }
         }
     }
     found.retain(|name| !name.is_empty());
     found
 }
 
-/// Which top-level module depends on which, from every file under `src/` but `lib.rs` and
-/// `main.rs` (which only declare and hand off).
-fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
-    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for file in sources() {
-        if file == "src/lib.rs" || file == "src/main.rs" || file.ends_with("/tests.rs") {
+/// What `lib.rs` re-exports at the crate's root, by name, with the module it comes from:
+/// `pub use engine::runtime;` maps `runtime` to `engine`.
+fn re_exports() -> BTreeMap<String, String> {
+    let lib = std::fs::read_to_string(root().join("src/lib.rs")).unwrap();
+    let mut names = BTreeMap::new();
+    for statement in code_of(&lib).split(';') {
+        let Some(at) = statement.find("pub use ") else {
             continue;
+        };
+        let path: String = statement[at + "pub use ".len()..]
+            .split_whitespace()
+            .collect();
+        let module = path.split("::").next().unwrap().to_owned();
+        let items = match path.find('{') {
+            Some(open) => path[open + 1..].trim_end_matches('}').to_owned(),
+            None => path.rsplit("::").next().unwrap().to_owned(),
+        };
+        for item in items.split(',') {
+            names.insert(item.trim().to_owned(), module.clone());
         }
+    }
+    names
+}
+
+/// Which top-level module depends on which, from every file under `src/` but `lib.rs` and
+/// `main.rs` (which only declare and hand off). A name under `crate::` that is neither a module
+/// nor one of `lib.rs`'s re-exports fails the test: an edge this cannot see must not pass
+/// silently.
+fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
+    let files: Vec<String> = sources()
+        .into_iter()
+        .filter(|file| file != "src/lib.rs" && file != "src/main.rs")
+        .filter(|file| !file.ends_with("/tests.rs"))
+        .collect();
+    let modules: BTreeSet<String> = files.iter().map(|file| module_of(file)).collect();
+    let re_exported = re_exports();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in files {
         let module = module_of(&file);
-        let text = std::fs::read_to_string(root().join(&file)).unwrap();
-        let mut used = uses(&code_of(&text));
-        used.remove(&module);
-        graph.entry(module).or_default().extend(used);
+        let mut text = std::fs::read_to_string(root().join(&file)).unwrap();
+        // In `src/a/b.rs`, `super::super::` is the crate's root.
+        if file.matches('/').count() == 2 && !file.ends_with("/mod.rs") {
+            text = text.replace("super::super::", "crate::");
+        }
+        let edges = graph.entry(module.clone()).or_default();
+        for name in uses(&code_of(&text)) {
+            let used = match re_exported.get(&name) {
+                Some(from) => from.clone(),
+                None if modules.contains(&name) => name,
+                None => panic!("{file} reaches crate::{name}, which is no module of src/"),
+            };
+            if used != module {
+                edges.insert(used);
+            }
+        }
     }
     graph
 }
@@ -182,4 +240,6 @@ fn the_cycle_finder_finds_cycles() {
         uses(&code_of(code)),
         ["a", "b", "d"].map(String::from).into()
     );
+    let nested = "use crate::{\n    a::{b, c::{d, e}},\n    f,\n};";
+    assert_eq!(uses(nested), ["a", "f"].map(String::from).into());
 }

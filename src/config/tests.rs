@@ -794,7 +794,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(crate::options::fuzz_cases()))]
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases()))]
 
         #[test]
         fn a_mutated_config_never_panics_and_no_message_quotes_a_secret(

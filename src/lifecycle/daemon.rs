@@ -227,7 +227,7 @@ pub fn daemon(engine: &EngineSettings, lifecycle: &LifecycleSettings, owner_pid:
                 Ok(()) => say("ready"),
                 Err(NotReady(addons)) => say(&format!("not-ready {}", addons.join(","))),
             },
-            event = trigger.next_event() => {
+            event = trigger.events.next_event() => {
                 say("stopping");
                 trigger.early = Some((event, tokio::time::Instant::now()));
             }
@@ -296,10 +296,6 @@ impl<E: Events> OwnerGone<E> {
             open_connections = running.open_connections()
         );
     }
-
-    async fn next_event(&mut self) -> Event {
-        self.events.next_event().await
-    }
 }
 
 impl<E: Events> Trigger for OwnerGone<E> {
@@ -307,7 +303,7 @@ impl<E: Events> Trigger for OwnerGone<E> {
         let grace = self.grace;
         let (first, at) = match self.early.take() {
             Some(early) => early,
-            None => (self.next_event().await, tokio::time::Instant::now()),
+            None => (self.events.next_event().await, tokio::time::Instant::now()),
         };
         let first = match first {
             Event::OwnerExited => {
@@ -338,7 +334,7 @@ impl<E: Events> Trigger for OwnerGone<E> {
         tokio::pin!(deadline);
         loop {
             let event = tokio::select! {
-                event = self.next_event() => event,
+                event = self.events.next_event() => event,
                 () = &mut deadline => {
                     warn!(event = "drain-deadline", open_connections = running.open_connections(), "the app is still running; leaving before the platform's SIGKILL");
                     return Stop::Gracefully { grace: Duration::ZERO };

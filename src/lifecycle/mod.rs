@@ -1,5 +1,6 @@
-//! The launch forms: how the process is started, and what tells it to stop. Each builds its
-//! stop trigger (`engine::Trigger`) and hands it to the engine, which serves and stops.
+//! The launch forms: how the process is started, and what tells it to stop. Each asks `config`
+//! for the add-ons in the environment, builds its stop trigger (`engine::Trigger`) and hands
+//! both to the engine, which serves and stops.
 //! - [`foreground`] (`bpg-tunnel`): serve until a signal;
 //! - [`daemon`] (`bpg-tunnel start --owner-pid PID`, from profile.d or exec.d): detach, report
 //!   readiness, serve while the owner (the app) lives, drain with it on SIGTERM; `stop`;
@@ -35,7 +36,8 @@ pub struct LifecycleSettings {
     pub flags_env: Vec<(String, OsString)>,
     /// `BPG_TUNNEL_DISABLE`: start no tunnel.
     pub disabled: bool,
-    /// In a `heroku ps:exec` session, where `start` and `exec-d` start nothing.
+    /// In a `heroku ps:exec` session, where `exec-d` starts nothing (the profile.d script does
+    /// not run `start` there).
     pub in_ps_exec: bool,
 }
 

@@ -142,12 +142,13 @@ thread_local! {
 fn lock_exclusive(file: &File) -> std::io::Result<bool> {
     // A `start` or `stop` looking for a daemon holds a shared lock for an instant: only a lock
     // still held after a while is another daemon's.
-    for _ in 0..10 {
+    for tries in 1..=10 {
         match file.try_lock() {
             Ok(()) => return Ok(true),
-            Err(TryLockError::WouldBlock) => {
+            Err(TryLockError::WouldBlock) if tries < 10 => {
                 std::thread::sleep(std::time::Duration::from_millis(10))
             }
+            Err(TryLockError::WouldBlock) => return Ok(false),
             Err(TryLockError::Error(error)) => return Err(error),
         }
     }

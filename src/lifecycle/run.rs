@@ -194,6 +194,11 @@ async fn next_signal(
                 index
             })
         });
+    let waits: Vec<_> = waits.collect();
+    // None to wait for (none could be subscribed to): never, rather than select_all's panic.
+    if waits.is_empty() {
+        return std::future::pending().await;
+    }
     futures_util::future::select_all(waits).await.0
 }
 

@@ -154,7 +154,14 @@ pub struct Options {
     /// Any non-empty value starts no tunnel: `start` and `exec-d` do nothing, `run` runs its
     /// command alone, and `bpg-tunnel` exits at once (as the profile.d script, which checks it
     /// before starting anything).
-    #[arg(long, env = "BPG_TUNNEL_DISABLE", value_name = "ANY")]
+    #[arg(
+        long,
+        env = "BPG_TUNNEL_DISABLE",
+        value_name = "ANY",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "1"
+    )]
     disable: Option<OsString>,
 
     /// Tests only: a PEM file of one more CA to trust for the add-on's API, on top of the
@@ -442,19 +449,6 @@ fn flags_as_env(
         .collect()
 }
 
-/// How many cases each property test runs: `BPG_TUNNEL_FUZZ_CASES` (`make fuzz`), else 256.
-#[cfg(test)]
-#[expect(
-    clippy::disallowed_methods,
-    reason = "BPG_TUNNEL_* variables are this module's to read"
-)]
-pub(crate) fn fuzz_cases() -> u32 {
-    std::env::var("BPG_TUNNEL_FUZZ_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(256)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,6 +550,18 @@ mod tests {
         assert_eq!(invalid, []);
         assert_eq!(settings.lifecycle.ready_timeout, Duration::from_secs(10));
         assert_eq!(settings.lifecycle.state_dir, None);
+    }
+
+    #[test]
+    fn disable_is_any_non_empty_value_and_the_bare_flag_means_yes() {
+        assert!(!settings_from(&[]).0.lifecycle.disabled);
+        assert!(settings_from(&["--disable"]).0.lifecycle.disabled);
+        assert!(settings_from(&["--disable=0"]).0.lifecycle.disabled);
+        assert!(!settings_from(&["--disable="]).0.lifecycle.disabled);
+        // A bare flag before a subcommand takes no value from it.
+        let (settings, invalid) = settings_from(&["--disable", "start", "--owner-pid", "1"]);
+        assert!(settings.lifecycle.disabled);
+        assert_eq!(invalid, []);
     }
 
     #[test]

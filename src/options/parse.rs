@@ -19,17 +19,14 @@ const MIN_POSITIVE_DURATION: Duration = Duration::from_millis(100);
 /// More often would flood the log stream.
 const MIN_METRICS_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The add-on drops a registration 75 min after its last renewal.
-const REGISTRATION_LIFETIME: Duration = Duration::from_secs(75 * 60);
-
 /// At least one keepalive is sent and given an interval to be answered.
 const KEEPALIVE_COUNT_MIN: u32 = 2;
 const KEEPALIVE_COUNT_MAX: u32 = 99;
 
 /// Why a setting's value was refused. The variants are what a caller may match on; the messages
 /// are what the user reads, and must not change (docs/operating.md quotes one). A value is kept
-/// whole here and cut only when shown.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// whole here and cut only when shown, in `Debug` too: a pasted blob never reaches a log whole.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 pub(super) enum InvalidValue {
     /// Nothing of the value is quoted: it would not survive the log line.
     #[error("is not valid UTF-8")]
@@ -61,6 +58,12 @@ pub(super) enum InvalidValue {
     NotAnAddress { value: String },
     #[error("{} is not a log filter; expected a level (error, warn, info, debug, trace, off) or target=level pairs separated by commas", shown(.value))]
     NotALogFilter { value: String },
+}
+
+impl std::fmt::Debug for InvalidValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InvalidValue({self})")
+    }
 }
 
 /// `raw` as quoted back in a message: at most [`SHOWN_CHARS`] characters of it, so that a
@@ -140,10 +143,10 @@ pub(super) fn parse_keepalive_count(raw: &str) -> Result<u32, InvalidValue> {
     }
 }
 
-/// A renewal period the add-on's expiry ([`REGISTRATION_LIFETIME`]) leaves room for.
+/// A renewal period the add-on's expiry (`config::AUTO_DESTROY_DELAY`) leaves room for.
 pub(super) fn parse_extend_interval(raw: &str) -> Result<Duration, InvalidValue> {
     let interval = parse_positive_duration(raw)?;
-    if interval >= REGISTRATION_LIFETIME {
+    if interval >= crate::config::AUTO_DESTROY_DELAY {
         return Err(InvalidValue::TooLongForRenewal {
             value: raw.to_owned(),
         });
@@ -262,7 +265,7 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
-            crate::options::fuzz_cases()
+            crate::fuzz_cases()
         ))]
 
         #[test]

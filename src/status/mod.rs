@@ -1,7 +1,7 @@
 //! `bpg-tunnel status`: how the running tunnel is doing, asked of the tunnel itself.
 //!
 //! Every serving process (the daemon, `run`, the foreground form) answers on a Unix socket,
-//! `bpg-tunnel.sock`, in the first usable place of the pid file's order (a directory of this
+//! `bpg-tunnel.sock`, in the first usable place of `state_dir`'s order (a directory of this
 //! user's that no other user can write to); the socket itself is owner-only, and a peer of
 //! another user is refused. Who answers there is decided by a `flock` on `bpg-tunnel.sock.lock`,
 //! held for the process's life: the kernel lets go of it when the process dies, so a socket file

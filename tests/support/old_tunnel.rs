@@ -88,7 +88,6 @@ impl SshForward {
 impl Drop for SshForward {
     fn drop(&mut self) {
         for pid in self.pids() {
-            // SAFETY: kill has no memory-safety preconditions.
             super::signal(pid, libc::SIGKILL);
         }
         let _ = self.child.wait();
