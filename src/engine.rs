@@ -533,9 +533,21 @@ mod tests {
 
     const CONNECTION_WAIT: Duration = Duration::from_secs(60);
 
+    /// A port free now and never handed out before in this process: the tests run side by
+    /// side, and one's refusing server must not be another's listener.
     fn free_port() -> u16 {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
+        static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        loop {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            if !handed_out.contains(&port) {
+                handed_out.push(port);
+                return port;
+            }
+        }
     }
 
     fn settings(state_dir: &std::path::Path) -> EngineSettings {

@@ -109,13 +109,26 @@ pub fn can_unshare_pid() -> bool {
     false
 }
 
-/// A port nobody listens on right now (bound and released; the window for a race is tiny).
+/// A port nobody listens on right now (bound and released; the window for a race is tiny), and
+/// never one this process handed out before: the kernel may give a released port again at
+/// once, and a test running beside this one would then probe the other's listener (its health
+/// port on the other's writer, counting a connection the other never made).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn die_with_parent(command: &mut Command) {
