@@ -587,6 +587,18 @@ mod tests {
             .expect("the listener is bound")
     }
 
+    /// An app's connection to the listener on `port`, once it is accepted and waiting for a
+    /// session that never comes.
+    async fn waiting_app(running: &Running, port: u16) -> tokio::net::TcpStream {
+        let app = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        while running.open_connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        app
+    }
+
     struct StopAt(Stop);
 
     impl Trigger for StopAt {
@@ -629,13 +641,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let running = started(dir.path(), port).await;
-        let mut app = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        // Accepted, and waiting for a session that never comes.
-        while running.open_connections() == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let mut app = waiting_app(&running, port).await;
         let began = Instant::now();
         let grace = Duration::from_secs(5);
         let stopped = running.serve(&mut StopAt(Stop::Gracefully { grace })).await;
@@ -670,12 +676,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let running = started(dir.path(), port).await;
-        let _app = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        while running.open_connections() == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let _app = waiting_app(&running, port).await;
         let began = Instant::now();
         assert_eq!(
             running.serve(&mut StopAt(Stop::Now)).await,
